@@ -1,0 +1,93 @@
+"""What kfax found in a model: layers as data (:func:`find_layers`) and as a table (:func:`describe`).
+
+A thin public view over :mod:`kfax._tracing`; it computes nothing of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from kfax import _tracing
+
+
+class Layer(NamedTuple):
+    """A layer found by tracing.
+
+    Attributes:
+      name: taken from the weight's parameter path (the path without its last key).
+      kind: ``"dense"`` or ``"conv"``.
+      weight_path, bias_path: parameter paths (``"a/b/kernel"``); ``bias_path`` is ``None`` when
+        the layer has no bias.
+      d_in, d_out: input and output widths of the Kronecker factors (for a convolution ``d_in``
+        is the patch size, input channels times window size).
+      positions: how many positions share the weight in one example (sequence positions,
+        convolution output locations; 1 for a plain dense layer).
+    """
+
+    name: str
+    kind: str
+    weight_path: str
+    bias_path: str | None
+    d_in: int
+    d_out: int
+    positions: int
+
+
+class LayerReport(NamedTuple):
+    """The layers found, and every parameter left unmatched as ``(path, reason)``."""
+
+    layers: tuple[Layer, ...]
+    unmatched: tuple[tuple[str, str], ...]
+
+
+def _public(site: _tracing.LayerSite) -> Layer:
+    g = site.geometry
+    return Layer(site.name, g.kind, site.weight_path, site.bias_path, g.d_in, g.d_out, site.positions)
+
+
+def find_layers(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> LayerReport:
+    """Trace ``apply_fn(params, inputs)`` and report its dense and convolution layers.
+
+    ``inputs`` may be arrays or ``jax.ShapeDtypeStruct`` of any batch size; nothing is computed.
+
+    Example:
+      >>> import jax.numpy as jnp, kfax
+      >>> params = {"w": jnp.ones((3, 2)), "scale": jnp.ones(())}
+      >>> report = kfax.find_layers(lambda p, x: p["scale"] * (x @ p["w"]), params, jnp.ones((4, 3)))
+      >>> [(layer.name, layer.d_in, layer.d_out) for layer in report.layers]
+      [('w', 3, 2)]
+      >>> report.unmatched
+      (('scale', 'consumed by mul'),)
+    """
+    traced = _tracing.trace(apply_fn, params, inputs)
+    return LayerReport(tuple(_public(s) for s in traced.layers), traced.unmatched)
+
+
+def describe(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> str:
+    """A readable table of :func:`find_layers`: one row per layer, then unmatched parameters."""
+    report = find_layers(apply_fn, params, inputs)
+    header = ("layer", "kind", "d_in", "d_out", "positions", "bias", "A size", "B size")
+    rows = [
+        (
+            layer.name,
+            layer.kind,
+            str(layer.d_in),
+            str(layer.d_out),
+            str(layer.positions),
+            "yes" if layer.bias_path else "no",
+            f"{layer.d_in + (layer.bias_path is not None)}^2",
+            f"{layer.d_out}^2",
+        )
+        for layer in report.layers
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"{len(report.layers)} layers found.")
+    if report.unmatched:
+        lines.append("Unmatched parameters (not preconditioned by K-FAC):")
+        lines.extend(f"  {path}: {reason}" for path, reason in report.unmatched)
+    else:
+        lines.append("Every parameter belongs to a layer.")
+    return "\n".join(lines)
