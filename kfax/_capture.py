@@ -56,18 +56,25 @@ def trace_layers(apply_fn: Callable, params: Any, inputs: Any) -> _tracing.Trace
     return traced
 
 
-def capture(apply_fn: Callable, params: Any, inputs: Any, *, param_gradients: bool = True) -> Capture:
+def capture(
+    apply_fn: Callable,
+    params: Any,
+    inputs: Any,
+    *,
+    param_gradients: bool = True,
+    traced: _tracing.Trace | None = None,
+) -> Capture:
     """Run ``apply_fn(params, inputs)`` once with taps on every layer (see :class:`Capture`).
 
     With ``param_gradients=False`` the pullback returns ``None`` in place of the parameter
-    gradient and skips computing it.
+    gradient and skips computing it. ``traced`` reuses an earlier :func:`trace_layers` of the
+    same function at the same shapes.
     """
-    traced = trace_layers(apply_fn, params, inputs)
+    if traced is None:
+        traced = trace_layers(apply_fn, params, inputs)
     leaves = jax.tree_util.tree_leaves(params)
     input_leaves = jax.tree_util.tree_leaves(inputs)
-    zeros = {
-        site.name: jnp.zeros(site.output_shape, site.output_dtype) for site in traced.layers
-    }
+    zeros = {site.name: jnp.zeros(site.output_shape, site.output_dtype) for site in traced.layers}
 
     def tapped(leaves, perturbations):
         outputs, layer_inputs = _tracing.tapped_call(traced, leaves, input_leaves, perturbations)
@@ -76,9 +83,7 @@ def capture(apply_fn: Callable, params: Any, inputs: Any, *, param_gradients: bo
     if param_gradients:
         outputs, vjp_fn, layer_inputs = jax.vjp(tapped, leaves, zeros, has_aux=True)
     else:
-        outputs, vjp_fn, layer_inputs = jax.vjp(
-            lambda z: tapped(leaves, z), zeros, has_aux=True
-        )
+        outputs, vjp_fn, layer_inputs = jax.vjp(lambda z: tapped(leaves, z), zeros, has_aux=True)
 
     def pullback(cotangent):
         cotangents = vjp_fn(jnp.asarray(cotangent, outputs.dtype))

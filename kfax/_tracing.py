@@ -117,7 +117,11 @@ class _BiasRef:
 
 
 def _is_var(atom: Any) -> bool:
-    return isinstance(atom, jcore.Var) and not isinstance(atom, jcore.DropVar)
+    """A variable that holds a value (not a literal, not a dropped output ``_``).
+
+    ``DropVar`` joined ``jax.extend.core`` after 0.9.0; it is recognised by name before that.
+    """
+    return isinstance(atom, jcore.Var) and type(atom).__name__ != "DropVar"
 
 
 def _subjaxpr(eqn: Any) -> tuple[Any, Sequence[Any]] | None:
@@ -173,10 +177,14 @@ class _Finder:
             elif prim in _WEIGHT_PASSTHROUGH and isinstance(in_refs[0], _WeightRef):
                 ref = in_refs[0]
                 if prim == "transpose":
-                    ref = _WeightRef(ref.leaf, tuple(ref.axes[p] for p in eqn.params["permutation"]))
+                    ref = _WeightRef(
+                        ref.leaf, tuple(ref.axes[p] for p in eqn.params["permutation"])
+                    )
                 refs[eqn.outvars[0]] = ref
-            elif prim in _BIAS_PASSTHROUGH and in_refs[0] is not None and _is_bias_leaf(
-                in_refs[0], self.leaf_avals
+            elif (
+                prim in _BIAS_PASSTHROUGH
+                and in_refs[0] is not None
+                and _is_bias_leaf(in_refs[0], self.leaf_avals)
             ):
                 ref = in_refs[0]
                 if isinstance(ref, _WeightRef):
@@ -192,8 +200,10 @@ class _Finder:
                 if self.found and self.found[-1]["eqn_path"] == prefix + (index,):
                     site = len(self.found) - 1
                     producer[eqn.outvars[0]] = (site, self.found[site]["geometry"].output_axis)
-            elif prim in _WEIGHT_PASSTHROUGH and _is_var(eqn.invars[0]) and (
-                eqn.invars[0] in producer
+            elif (
+                prim in _WEIGHT_PASSTHROUGH
+                and _is_var(eqn.invars[0])
+                and (eqn.invars[0] in producer)
             ):
                 site, axis = producer[eqn.invars[0]]
                 if prim == "transpose":
@@ -415,8 +425,19 @@ def _eval_equation(eqn: Any, invals: Sequence[Any]) -> list[Any]:
             in_vars.append(var)
             values.append(val)
     out_vars = [v for v in eqn.outvars if _is_var(v)]
+    debug_info = jcore.DebugInfo(
+        "kfax",
+        eqn.primitive.name,
+        tuple(f"in{i}" for i in range(len(in_vars))),
+        tuple(f"out{i}" for i in range(len(out_vars))),
+    )
     jaxpr = jcore.Jaxpr(
-        constvars=[], invars=in_vars, outvars=out_vars, eqns=[eqn], effects=eqn.effects
+        constvars=[],
+        invars=in_vars,
+        outvars=out_vars,
+        eqns=[eqn],
+        effects=eqn.effects,
+        debug_info=debug_info,
     )
     results = iter(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, []))(*values))
     return [next(results) if _is_var(v) else None for v in eqn.outvars]

@@ -191,7 +191,9 @@ def kronecker_factors(
 
     def factors_fn(params, inputs, *, targets=None, key=None) -> dict[str, Factors]:
         if kind == "mc" and key is None:
-            raise ValueError("kind='mc' samples targets from the model: pass key=jax.random.key(...).")
+            raise ValueError(
+                "kind='mc' samples targets from the model: pass key=jax.random.key(...)."
+            )
         if kind == "empirical" and targets is None:
             raise ValueError("kind='empirical' needs the data targets: pass targets=...")
         tapped = _capture.capture(apply_fn, params, inputs, param_gradients=False)

@@ -75,8 +75,9 @@ def curvature_matrix(
     Example:
       >>> import jax.numpy as jnp, kfax
       >>> params = {"w": jnp.eye(2)}
-      >>> G = kfax.exact.curvature_matrix(lambda p, x: x @ p["w"], kfax.losses.SquaredError(),
-      ...                                 params, jnp.ones((3, 2)))
+      >>> G = kfax.exact.curvature_matrix(
+      ...     lambda p, x: x @ p["w"], kfax.losses.SquaredError(), params, jnp.ones((3, 2))
+      ... )
       >>> G.shape
       (4, 4)
     """

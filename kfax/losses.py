@@ -9,7 +9,8 @@ targets parametrised by the model outputs ``f``. It knows how to
 * sample targets from the model (``sample``), for the true Fisher;
 * give the gradient ``grad_f l(f, y)`` of each example's loss (``output_gradient``);
 * give columns of a square root ``S`` of the output curvature ``D = d^2 l / d f^2 = S S^T``
-  (``curvature_sqrt``), for the exact Gauss-Newton / Fisher.
+  (``curvature_sqrt``), for the exact Gauss-Newton / Fisher, and products ``D v``
+  (``curvature_product``), for curvature-vector products in the quadratic model.
 
 For these canonical families the Gauss-Newton and Fisher matrices coincide. The module knows nothing
 of layers or optimisers.
@@ -37,6 +38,8 @@ class Loss(Protocol):
     def output_gradient(self, outputs: jax.Array, targets: jax.Array) -> jax.Array: ...
 
     def curvature_sqrt(self, outputs: jax.Array) -> jax.Array: ...
+
+    def curvature_product(self, outputs: jax.Array, tangent: jax.Array) -> jax.Array: ...
 
 
 def _sum_but_batch(x: jax.Array) -> jax.Array:
@@ -129,6 +132,11 @@ class SoftmaxCrossEntropy(_Base):
         cols = jnp.einsum("qr,nrkc->qcnrk", mask, per_position)
         return cols.reshape((positions * classes, *outputs.shape))
 
+    def curvature_product(self, outputs: jax.Array, tangent: jax.Array) -> jax.Array:
+        """``D v = p * v - p (p . v)`` per position."""
+        p = jax.nn.softmax(outputs, axis=-1)
+        return p * tangent - p * jnp.sum(p * tangent, axis=-1, keepdims=True)
+
 
 @dataclasses.dataclass(frozen=True)
 class SigmoidCrossEntropy(_Base):
@@ -164,6 +172,11 @@ class SigmoidCrossEntropy(_Base):
         outputs = _check_outputs(outputs, self.name)
         s = jax.nn.sigmoid(outputs)
         return _diagonal_columns(jnp.sqrt(s * (1 - s)))
+
+    def curvature_product(self, outputs: jax.Array, tangent: jax.Array) -> jax.Array:
+        """``D v = s (1 - s) v``."""
+        s = jax.nn.sigmoid(outputs)
+        return s * (1 - s) * tangent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,10 +219,14 @@ class SquaredError(_Base):
         scale = jnp.full(outputs.shape, 1 / math.sqrt(self.variance), outputs.dtype)
         return _diagonal_columns(scale)
 
+    def curvature_product(self, outputs: jax.Array, tangent: jax.Array) -> jax.Array:
+        """``D v = v / variance``."""
+        return tangent / self.variance
+
 
 def check_loss(loss: Any) -> None:
     """Raise a clear error if ``loss`` is not one of kfax's output distributions."""
-    needed = ("per_example", "sample", "output_gradient", "curvature_sqrt")
+    needed = ("per_example", "sample", "output_gradient", "curvature_sqrt", "curvature_product")
     missing = [m for m in needed if not callable(getattr(loss, m, None))]
     if missing:
         raise TypeError(

@@ -43,7 +43,9 @@ class LayerReport(NamedTuple):
 
 def _public(site: _tracing.LayerSite) -> Layer:
     g = site.geometry
-    return Layer(site.name, g.kind, site.weight_path, site.bias_path, g.d_in, g.d_out, site.positions)
+    return Layer(
+        site.name, g.kind, site.weight_path, site.bias_path, g.d_in, g.d_out, site.positions
+    )
 
 
 def find_layers(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> LayerReport:
@@ -54,7 +56,9 @@ def find_layers(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -
     Example:
       >>> import jax.numpy as jnp, kfax
       >>> params = {"w": jnp.ones((3, 2)), "scale": jnp.ones(())}
-      >>> report = kfax.find_layers(lambda p, x: p["scale"] * (x @ p["w"]), params, jnp.ones((4, 3)))
+      >>> report = kfax.find_layers(
+      ...     lambda p, x: p["scale"] * (x @ p["w"]), params, jnp.ones((4, 3))
+      ... )
       >>> [(layer.name, layer.d_in, layer.d_out) for layer in report.layers]
       [('w', 3, 2)]
       >>> report.unmatched
@@ -82,7 +86,10 @@ def describe(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> s
         for layer in report.layers
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"{len(report.layers)} layers found.")
     if report.unmatched:

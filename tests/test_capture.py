@@ -23,9 +23,12 @@ def model_cases():
     yield "nnx mlp", *models.nnx_mlp()
     yield "linen cnn", *models.linen_cnn()
     w = jax.random.normal(jax.random.key(0), (3, 4))
-    yield "pytorch layout", {"w": w, "b": jnp.ones(3)}, (
-        lambda p, z: jnp.tanh(z @ p["w"].T + p["b"])
-    ), jnp.ones((2, 4))
+    yield (
+        "pytorch layout",
+        {"w": w, "b": jnp.ones(3)},
+        (lambda p, z: jnp.tanh(z @ p["w"].T + p["b"])),
+        jnp.ones((2, 4)),
+    )
 
 
 @pytest.mark.parametrize("case", list(model_cases()), ids=lambda c: c[0])
@@ -54,7 +57,9 @@ def test_captured_rows_reproduce_the_weight_and_bias_gradients(x64, case):
         )
         assert site.bias_leaf is not None
         np.testing.assert_allclose(g.sum(0), leaves[site.bias_leaf], atol=1e-12)
-        roundtrip = site.geometry.weight_from_matrix(site.geometry.weight_matrix(leaves[site.weight_leaf]))
+        roundtrip = site.geometry.weight_from_matrix(
+            site.geometry.weight_matrix(leaves[site.weight_leaf])
+        )
         np.testing.assert_array_equal(roundtrip, leaves[site.weight_leaf])
 
 

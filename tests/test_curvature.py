@@ -20,7 +20,9 @@ LOSSES = {
 }
 
 
-def reference_factors(loss, params, apply_fn, inputs, layer_values, layer, kind, targets, key, samples):
+def reference_factors(
+    loss, params, apply_fn, inputs, layer_values, layer, kind, targets, key, samples
+):
     """A and B of one layer from per-example Jacobians ``J_n = d outputs / d a`` (no kfax capture)."""
     h, a, rest = layer_values(params, inputs, layer)
     outputs = apply_fn(params, inputs)
@@ -73,9 +75,7 @@ def test_monte_carlo_factors_converge_to_exact_at_the_square_root_rate(x64):
     errors = []
     for samples in counts:
         fn = jax.jit(kfax.kronecker_factors(apply_fn, loss, kind="mc", samples=samples))
-        trials = [
-            fn(params, inputs, key=jax.random.key(100 + t))["dense_0"].b for t in range(20)
-        ]
+        trials = [fn(params, inputs, key=jax.random.key(100 + t))["dense_0"].b for t in range(20)]
         errors.append(np.mean([np.linalg.norm(b - exact) for b in trials]))
     slope = np.polyfit(np.log(counts), np.log(errors), 1)[0]
     assert -0.6 < slope < -0.4, (slope, errors)
@@ -100,9 +100,7 @@ def test_softmax_output_differs_from_kronecker_by_the_covariance_residual(x64):
     hom = jnp.concatenate([h, jnp.ones((9, 1))], axis=1)
     hh = jnp.einsum("ni,nj->nij", hom, hom)
     d = jax.vmap(jax.hessian(lambda f: loss.per_example(f[None], jnp.zeros(1, int))[0]))(outputs)
-    residual = jnp.mean(
-        jax.vmap(jnp.kron)(hh - hh.mean(0), d - d.mean(0)), axis=0
-    )
+    residual = jnp.mean(jax.vmap(jnp.kron)(hh - hh.mean(0), d - d.mean(0)), axis=0)
     np.testing.assert_allclose(block - jnp.kron(factors.a, factors.b), residual, atol=1e-12)
     assert np.abs(residual).max() > 1e-3
 
@@ -133,9 +131,9 @@ def test_convolution_with_one_output_location_is_a_dense_layer(x64):
     flat = jnp.transpose(x, (0, 3, 1, 2)).reshape(6, -1)
     kernel = jnp.transpose(params["Conv_0"]["kernel"], (2, 0, 1, 3)).reshape(18, 3)
     dense_params = {"kernel": kernel, "bias": params["Conv_0"]["bias"]}
-    dense = kfax.kronecker_factors(
-        lambda p, z: z @ p["kernel"] + p["bias"], loss, kind="exact"
-    )(dense_params, flat)["kernel"]
+    dense = kfax.kronecker_factors(lambda p, z: z @ p["kernel"] + p["bias"], loss, kind="exact")(
+        dense_params, flat
+    )["kernel"]
     np.testing.assert_allclose(conv.a, dense.a, atol=1e-12)
     np.testing.assert_allclose(conv.b, dense.b, atol=1e-12)
     block = kfax.exact.layer_block(

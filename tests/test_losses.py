@@ -44,6 +44,11 @@ def test_curvature_sqrt_squares_to_the_loss_hessian(x64, shape):
 
         hess = jax.vmap(jax.hessian(per_example))(out, targets).reshape(d_from_s.shape)
         np.testing.assert_allclose(d_from_s, hess, atol=1e-12)
+        tangent = jax.random.normal(jax.random.key(7), out.shape)
+        product = loss.curvature_product(out, tangent).reshape(n, -1)
+        np.testing.assert_allclose(
+            product, jnp.einsum("nij,nj->ni", hess, tangent.reshape(n, -1)), atol=1e-12
+        )
 
 
 def test_mean_loss_closed_forms():

@@ -131,6 +131,8 @@ def test_grouped_convolutions_are_reported_as_unsupported():
 
 def test_a_model_without_layers_raises_a_clear_error():
     params = {"scale": jnp.ones(3)}
-    fn = kfax.kronecker_factors(lambda p, x: x * p["scale"], kfax.losses.SquaredError(), kind="exact")
+    fn = kfax.kronecker_factors(
+        lambda p, x: x * p["scale"], kfax.losses.SquaredError(), kind="exact"
+    )
     with pytest.raises(kfax.NoLayersError, match="found no dense or convolution layer"):
         fn(params, jnp.ones((2, 3)))

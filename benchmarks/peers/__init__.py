@@ -1,0 +1,1 @@
+"""Adapters for peer optimizer libraries used in kfax benchmarks."""

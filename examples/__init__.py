@@ -1,0 +1,1 @@
+"""Example data and models shared by the demo, tests, notebooks and benchmarks."""
