@@ -106,11 +106,11 @@ def _check_count(name: str, value: Any) -> None:
 
 
 def _tree_vdot(a: Any, b: Any) -> jax.Array:
-    parts = [
-        jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-    ]
-    return sum(parts, jnp.zeros((), jnp.float32))
+    parts = []
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        dtype = jnp.promote_types(jnp.promote_types(x.dtype, y.dtype), jnp.float32)
+        parts.append(jnp.vdot(x.astype(dtype), y.astype(dtype)))
+    return sum(parts[1:], parts[0])
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -288,7 +288,7 @@ def scale_by_kfac(
             zeros = {k: jnp.zeros_like(v) for k, v in rest.items()}
             unmatched_state = (zeros, dict(zeros))
         initial_damping = damping(0) if callable(damping) else damping
-        nan = jnp.full((), jnp.nan, jnp.float32)
+        nan = jnp.full((), jnp.nan, dtype)
         return KFACState(
             count=jnp.zeros((), jnp.int32),
             key=jax.random.PRNGKey(seed),
@@ -297,7 +297,7 @@ def scale_by_kfac(
             curvature=curvature,
             scalings=scalings,
             scalings_weight=jnp.zeros((), dtype),
-            damping=jnp.asarray(initial_damping, jnp.float32),
+            damping=jnp.asarray(initial_damping, dtype),
             previous_update=jax.tree_util.tree_map(jnp.zeros_like, params) if adaptive else (),
             unmatched=unmatched_state,
             nonfinite_count=jnp.zeros((), jnp.int32),
@@ -459,7 +459,8 @@ def scale_by_kfac(
         outputs, jd = jax.jvp(model, (params,), (delta,))
         _, jp = jax.jvp(model, (params,), (previous,))
         n = outputs.shape[0]
-        outputs, jd, jp = (x.astype(jnp.float32) for x in (outputs, jd, jp))
+        wide = jnp.promote_types(outputs.dtype, lam.dtype)
+        outputs, jd, jp = (x.astype(wide) for x in (outputs, jd, jp))
         djd = loss.curvature_product(outputs, jd)
         djp = loss.curvature_product(outputs, jp)
         dd = _tree_vdot(delta, delta)
@@ -512,7 +513,7 @@ def scale_by_kfac(
         count = state.count
         key, stats_key = jax.random.split(state.key)
         lam = damping(count) if callable(damping) else state.damping
-        lam = jnp.asarray(lam, jnp.float32)
+        lam = jnp.asarray(lam, state.damping.dtype)
         do_stats = count % stats_every == 0
         do_inverse = count % inverse_every == 0
 
@@ -586,7 +587,7 @@ def scale_by_kfac(
                 lambda d: (coefficient * d).astype(d.dtype), direction
             )
 
-        nan = jnp.full((), jnp.nan, jnp.float32)
+        nan = jnp.full((), jnp.nan, state.damping.dtype)
         info = StepInfo(nan, nan, nan, nan)
         new_damping = state.damping
         previous = state.previous_update
@@ -604,7 +605,7 @@ def scale_by_kfac(
                     )
                     before = loss(outputs, stats_targets)
                     after = loss(
-                        apply_fn(new_params, stats_inputs).astype(jnp.float32), stats_targets
+                        apply_fn(new_params, stats_inputs).astype(outputs.dtype), stats_targets
                     )
                     return (after - before) / jnp.minimum(predicted, -1e-30)
 
@@ -614,8 +615,8 @@ def scale_by_kfac(
                     rho > 0.75, lam * omega, jnp.where(rho < 0.25, lam / omega, lam)
                 )
                 lam_next = jnp.where(adapt & jnp.isfinite(rho), lam_next, lam)
-                new_damping = jnp.clip(lam_next, min_damping, 1e10).astype(jnp.float32)
-            info = StepInfo(alpha, mu, predicted, rho)
+                new_damping = jnp.clip(lam_next, min_damping, 1e10).astype(state.damping.dtype)
+            info = StepInfo(*(jnp.asarray(v, nan.dtype) for v in (alpha, mu, predicted, rho)))
             previous = step
             direction = jax.tree_util.tree_map(jnp.negative, step)
 
