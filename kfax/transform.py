@@ -650,10 +650,14 @@ def kfac(
     """K-FAC with momentum and a learning rate, in optax's style.
 
     ``learning_rate`` (a float or schedule) gives
-    ``chain(scale_by_kfac(...), trace(momentum), scale_by_learning_rate(learning_rate))``.
+    ``chain(scale_by_kfac(...), trace(momentum), scale_by_learning_rate(learning_rate))`` with
+    defaults ``damping=1e-2`` and ``norm_constraint=1e-2`` (the bound on
+    ``lr^2 <Delta, grad>`` that keeps a fixed learning rate stable; Ba et al. 2017).
     ``learning_rate=None`` selects the adaptive mode of Martens & Grosse (2015): step size and
     momentum from the quadratic model every step, and Levenberg-Marquardt adaptive damping
-    (initial ``damping=1.0`` unless given); ``update`` then needs ``targets``.
+    starting from ``damping`` (default ``1e-3``); ``update`` then needs ``targets``. Measured on
+    small MNIST models, a small initial damping matters: the rule raises it quickly when needed
+    but lowers it slowly.
 
     Args:
       learning_rate: a float, an optax schedule, or ``None`` for the adaptive mode.
@@ -673,10 +677,11 @@ def kfac(
       >>> params = optax.apply_updates(params, updates)
     """
     if learning_rate is None:
-        options.setdefault("damping", 1.0)
         options.setdefault("adaptive_damping", True)
         options["adaptive"] = True
         return optax.chain(scale_by_kfac(apply_fn, loss, **options), optax.scale(-1.0))
+    options.setdefault("damping", 1e-2)
+    options.setdefault("norm_constraint", 1e-2)
     if options.get("norm_constraint") is not None and not callable(learning_rate):
         options["norm_constraint"] = options["norm_constraint"] / float(learning_rate) ** 2
     parts = [scale_by_kfac(apply_fn, loss, **options)]
