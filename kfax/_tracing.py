@@ -69,7 +69,7 @@ class LayerSite:
 
 @dataclasses.dataclass(frozen=True)
 class Trace:
-    """A traced ``apply_fn``: its jaxpr over flat parameter leaves and inputs, and what was found."""
+    """A traced ``apply_fn``: its jaxpr over flat parameter leaves and inputs, and its layers."""
 
     closed_jaxpr: Any
     param_treedef: Any
@@ -417,7 +417,7 @@ def trace(apply_fn: Callable, params: Any, inputs: Any) -> Trace:
 
 
 def _eval_equation(eqn: Any, invals: Sequence[Any]) -> list[Any]:
-    """Evaluate one equation with JAX's own evaluator (robust to binding changes across releases)."""
+    """Evaluate one equation with JAX's own evaluator (robust to binding changes)."""
     in_vars, values, seen = [], [], set()
     for var, val in zip(eqn.invars, invals, strict=True):
         if _is_var(var) and var not in seen:

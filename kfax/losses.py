@@ -58,7 +58,7 @@ def _check_outputs(outputs: Any, name: str) -> jax.Array:
 
 def _diagonal_columns(diag: jax.Array) -> jax.Array:
     """Columns of ``diag(d)`` per example: shape ``(K, batch, *event)`` with ``K = prod(event)``."""
-    batch, event = diag.shape[0], diag.shape[1:]
+    _batch, event = diag.shape[0], diag.shape[1:]
     k = math.prod(event)
     eye = jnp.eye(k, dtype=diag.dtype).reshape((k, 1, *event))
     return eye * diag[None]

@@ -1,4 +1,4 @@
-"""What kfax found in a model: layers as data (:func:`find_layers`) and as a table (:func:`describe`).
+"""What kfax found in a model: layers as data (:func:`find_layers`) and a table (:func:`describe`).
 
 A thin public view over :mod:`kfax._tracing`; it computes nothing of its own.
 """

@@ -9,6 +9,7 @@ invisible here: weights are handled as ``(d_in, d_out)`` matrices through their 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -86,12 +87,17 @@ class KFACState(NamedTuple):
     info: StepInfo
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
     if callable(value):
         return
-    ok = value >= 0 if allow_zero else value > 0
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok:
-        bound = ">= 0" if allow_zero else "> 0"
+    bound = ">= 0" if allow_zero else "> 0"
+    if not _is_real(value):
+        raise ValueError(f"{name} must be a number {bound} (or a schedule), got {value!r}.")
+    if not (value >= 0 if allow_zero else value > 0):
         raise ValueError(f"{name} must be {bound}, got {value!r}.")
 
 
@@ -101,7 +107,7 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
 
 
 def _check_count(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
@@ -142,6 +148,7 @@ def scale_by_kfac(
     min_damping: float = 1e-8,
     axis_name: str | None = None,
     seed: int = 0,
+    norm_constraint_learning_rate: optax.ScalarOrSchedule = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
     """Precondition gradients with K-FAC: ``(A (x) B + lam I)^{-1} grad``, per layer.
 
@@ -183,8 +190,10 @@ def scale_by_kfac(
       stats_batch_size: compute statistics on the first examples of each batch only.
       eigen_correction: EKFAC (George et al. 2018); implies eigendecompositions.
       bias_update: ``"exact"`` or ``"simple"`` centered bias update.
-      norm_constraint: if set, scale the direction so that ``<Delta, grad> <= norm_constraint``
-        (Ba et al. 2017, with the learning rate folded in; :func:`kfac` divides by ``lr^2``).
+      norm_constraint: if set, scale the direction so that
+        ``lr^2 <Delta, grad> <= norm_constraint`` (Ba et al. 2017), with ``lr`` given by
+        ``norm_constraint_learning_rate`` (a float, array or schedule; :func:`kfac` passes its
+        learning rate).
       unmatched: parameters outside any layer are passed through (``"identity"``) or scaled
         like Adam (``"adam"``, ``b1=0.9, b2=0.999, eps=1e-8``).
       adaptive: choose step size and momentum from the quadratic model (see above).
@@ -192,6 +201,8 @@ def scale_by_kfac(
       min_damping: lower bound of the adaptive damping.
       axis_name: reserved for cross-device averaging of statistics (``pmap``); not supported yet.
       seed: seed of the PRNG key that samples targets.
+      norm_constraint_learning_rate: the learning rate that will scale the direction, for the
+        norm constraint only.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params, *,
@@ -225,7 +236,7 @@ def scale_by_kfac(
     _check_count("damping_every", damping_every)
     if stats_batch_size is not None:
         _check_count("stats_batch_size", stats_batch_size)
-    if not isinstance(ema_decay, (int, float)) or not 0 <= ema_decay < 1:
+    if not _is_real(ema_decay) or not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}.")
     if norm_constraint is not None:
         _check_positive("norm_constraint", norm_constraint)
@@ -434,6 +445,27 @@ def scale_by_kfac(
         return new_w, None if delta_b is None else delta_b.astype(grad_b.dtype)
 
     def check_structure(state, traced, params):
+        def same_shapes(reference, what):
+            ref = [(jnp.shape(a), k) for k, a in reference]
+            got = dict(zip(traced.leaf_paths, jax.tree_util.tree_leaves(params), strict=True))
+            for shape, path in ref:
+                if path not in got or jnp.shape(got[path]) != shape:
+                    found_shape = jnp.shape(got[path]) if path in got else "missing"
+                    raise ValueError(
+                        f"params do not match the K-FAC state: {what} {path!r} had shape "
+                        f"{shape} at init, now {found_shape}."
+                    )
+
+        if unmatched == "adam":
+            same_shapes(list(state.unmatched[0].items()), "parameter")
+        if adaptive:
+            flat = jax.tree_util.tree_leaves(state.previous_update)
+            same_shapes(list(zip(traced.leaf_paths, flat, strict=False)), "parameter")
+            if len(flat) != len(traced.leaf_paths):
+                raise ValueError(
+                    "params do not match the K-FAC state: the state holds "
+                    f"{len(flat)} parameter arrays, params have {len(traced.leaf_paths)}."
+                )
         found = {s.name: s for s in traced.layers}
         if set(found) != set(state.moments):
             raise ValueError(
@@ -581,7 +613,9 @@ def scale_by_kfac(
 
         direction = jax.tree_util.tree_unflatten(treedef, out_leaves)
         if norm_constraint is not None:
-            inner = jnp.abs(_tree_vdot(direction, updates))
+            rate = norm_constraint_learning_rate
+            rate = rate(count) if callable(rate) else rate
+            inner = jnp.abs(_tree_vdot(direction, updates)) * jnp.square(rate)
             coefficient = jnp.minimum(1.0, jnp.sqrt(norm_constraint / jnp.maximum(inner, 1e-30)))
             direction = jax.tree_util.tree_map(
                 lambda d: (coefficient * d).astype(d.dtype), direction
@@ -682,8 +716,7 @@ def kfac(
         return optax.chain(scale_by_kfac(apply_fn, loss, **options), optax.scale(-1.0))
     options.setdefault("damping", 1e-2)
     options.setdefault("norm_constraint", 1e-2)
-    if options.get("norm_constraint") is not None and not callable(learning_rate):
-        options["norm_constraint"] = options["norm_constraint"] / float(learning_rate) ** 2
+    options["norm_constraint_learning_rate"] = learning_rate
     parts = [scale_by_kfac(apply_fn, loss, **options)]
     if momentum:
         parts.append(optax.trace(decay=momentum))

@@ -45,7 +45,9 @@ def test_captured_rows_reproduce_the_weight_and_bias_gradients(x64, case):
     cotangent = loss.output_gradient(tapped.outputs, targets) / batch
     grads, layer_cotangents = tapped.pullback(cotangent)
     expected = jax.grad(lambda p: loss(apply_fn(p, inputs), targets))(params)
-    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(expected), strict=True
+    ):
         np.testing.assert_allclose(a, b, atol=1e-12)
 
     leaves = jax.tree_util.tree_leaves(expected)

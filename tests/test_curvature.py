@@ -23,7 +23,7 @@ LOSSES = {
 def reference_factors(
     loss, params, apply_fn, inputs, layer_values, layer, kind, targets, key, samples
 ):
-    """A and B of one layer from per-example Jacobians ``J_n = d outputs / d a`` (no kfax capture)."""
+    """A and B of one layer from per-example Jacobians ``J_n = d outputs / d a`` (no capture)."""
     h, a, rest = layer_values(params, inputs, layer)
     outputs = apply_fn(params, inputs)
     n = inputs.shape[0]

@@ -40,7 +40,9 @@ def test_centered_update_equals_homogeneous_update_at_zero_damping(x64, method):
     homogeneous, _ = one_direction(
         kfax.scale_by_kfac(apply_fn, loss, centered=False, **options), params, inputs, grads
     )
-    for a, b in zip(jax.tree_util.tree_leaves(centered), jax.tree_util.tree_leaves(homogeneous)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(centered), jax.tree_util.tree_leaves(homogeneous), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
     simple, _ = one_direction(
         kfax.scale_by_kfac(apply_fn, loss, bias_update="simple", **options), params, inputs, grads
@@ -119,7 +121,9 @@ def test_ekfac_with_fresh_scalings_equals_kfac_on_an_exactly_kronecker_layer(x64
     kfac_dir, _ = one_direction(
         kfax.scale_by_kfac(apply_fn, loss, centered=centered, **options), params, inputs, grads
     )
-    for a, b in zip(jax.tree_util.tree_leaves(ekfac), jax.tree_util.tree_leaves(kfac_dir)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(ekfac), jax.tree_util.tree_leaves(kfac_dir), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
