@@ -4,7 +4,7 @@
 PYTHON ?= python3
 OLDJAX := 0.9.0.1
 # Tests run in the old-JAX environment (make test-oldjax OLDJAX_TESTS="tests/...").
-OLDJAX_TESTS ?= tests/test_tracing.py tests/test_capture.py
+OLDJAX_TESTS ?= tests/test_tracing.py tests/test_capture.py tests/test_transform.py
 PYTEST_ARGS ?=
 
 VENV := .venv
@@ -25,7 +25,7 @@ demo: venv
 	$(VENV)/bin/python -m examples.demo
 
 test: venv
-	$(VENV)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -42,7 +42,7 @@ $(VENV_OLDJAX)/.installed: pyproject.toml
 	touch $@
 
 test-oldjax: $(VENV_OLDJAX)/.installed
-	$(VENV_OLDJAX)/bin/python -m pytest $(OLDJAX_TESTS) -q $(PYTEST_ARGS)
+	$(VENV_OLDJAX)/bin/python -m pytest $(OLDJAX_TESTS) -n 2 -q $(PYTEST_ARGS)
 
 # kfac-jax 0.0.8 (the reference the benchmarks compare against) runs with JAX 0.9.0.1.
 $(VENV_BENCH)/.installed: pyproject.toml

@@ -425,19 +425,16 @@ def _eval_equation(eqn: Any, invals: Sequence[Any]) -> list[Any]:
             in_vars.append(var)
             values.append(val)
     out_vars = [v for v in eqn.outvars if _is_var(v)]
-    debug_info = jcore.DebugInfo(
-        "kfax",
-        eqn.primitive.name,
-        tuple(f"in{i}" for i in range(len(in_vars))),
-        tuple(f"out{i}" for i in range(len(out_vars))),
-    )
+    extra = {}
+    if hasattr(jcore, "DebugInfo"):  # public from JAX 0.10; a missing one is deprecated there
+        extra["debug_info"] = jcore.DebugInfo(
+            "kfax",
+            eqn.primitive.name,
+            tuple(f"in{i}" for i in range(len(in_vars))),
+            tuple(f"out{i}" for i in range(len(out_vars))),
+        )
     jaxpr = jcore.Jaxpr(
-        constvars=[],
-        invars=in_vars,
-        outvars=out_vars,
-        eqns=[eqn],
-        effects=eqn.effects,
-        debug_info=debug_info,
+        constvars=[], invars=in_vars, outvars=out_vars, eqns=[eqn], effects=eqn.effects, **extra
     )
     results = iter(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, []))(*values))
     return [next(results) if _is_var(v) else None for v in eqn.outvars]
