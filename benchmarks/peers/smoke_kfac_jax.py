@@ -53,7 +53,7 @@ def load_images(path=MNIST, n=None):
 def init_params(key, sizes=SIZES):
     params = {}
     keys = jax.random.split(key, len(sizes) - 1)
-    for i, (k, din, dout) in enumerate(zip(keys, sizes[:-1], sizes[1:])):
+    for i, (k, din, dout) in enumerate(zip(keys, sizes[:-1], sizes[1:], strict=False)):
         params[f"dense_{i}"] = {
             "kernel": jax.random.normal(k, (din, dout), jnp.float32) / np.sqrt(din),
             "bias": jnp.zeros((dout,), jnp.float32),
@@ -174,14 +174,14 @@ def main():
     s = opt.init(params)
     it = batches(data, args.batch)
     a_losses, a_times = [], []
-    for step in range(args.steps):
+    for _ in range(args.steps):
         batch = next(it)
         t0 = time.perf_counter()
         params, s, loss = adam_step(params, s, batch)
         loss = float(loss)
         a_times.append(time.perf_counter() - t0)
         a_losses.append(loss)
-    print("  adam losses: " + " ".join(f"{l:.2f}" for l in a_losses))
+    print("  adam losses: " + " ".join(f"{v:.2f}" for v in a_losses))
     a_ms = summarize("adam", a_times, a_losses, args.warmup)
 
     print(

@@ -1,0 +1,373 @@
+"""Training benchmark: loss against wall time and steps for several optimisers on one task.
+
+Usage (from the repository root, in the benchmark environment built by ``make bench-venv``)::
+
+    .venv-bench/bin/python -m benchmarks.run --task autoencoder \\
+        --optimizers adam,sgd,kfac,kfac_homogeneous,ekfac,kfac_adaptive,kfac_jax \\
+        --budget-seconds 120 --batch-size 1000
+
+Every optimiser (every point of a learning-rate grid) trains from the same initial parameters on
+the same sequence of batches. The runs are interleaved in one process: each in turn takes
+``--eval-every`` steps, so a change in machine load hits all of them alike. Each step is timed
+after the parameters are ready; compilation, batch transfer and the periodic evaluation of the
+full-training-set loss are not timed. A run stops at ``--budget-seconds`` of timed steps,
+``--steps`` steps, or when its loss diverges. The JSON record and a PNG figure are written to
+``--out`` (see benchmarks/README.md for their fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.optimizers import (
+    Runner,
+    batch_stream,
+    evaluator,
+    expand,
+    kfac_jax_available,
+    make_runner,
+)
+from benchmarks.tasks import TASKS, make_task
+
+DEFAULT_OPTIMIZERS = "adam,sgd,kfac,kfac_homogeneous,ekfac,kfac_adaptive,kfac_jax,kfac_jax_fixed"
+DIVERGENCE_FACTOR = 100.0  # A loss this many times the first one counts as diverged.
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command-line arguments (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--task", choices=TASKS, default="autoencoder")
+    parser.add_argument(
+        "--optimizers",
+        default=DEFAULT_OPTIMIZERS,
+        help="comma-separated specs family[+option=value...][@lr]; a fixed-step family without "
+        "@lr runs the task's learning-rate grid",
+    )
+    parser.add_argument("--budget-seconds", type=float, default=None, help="timed seconds per run")
+    parser.add_argument("--steps", type=int, default=None, help="maximum steps per run")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    parser.add_argument("--target", type=float, default=None, help="training loss to reach")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny model, data and budget")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--replot", type=Path, help="only redraw the figure of this JSON record")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    if args.budget_seconds is None:
+        args.budget_seconds = 20.0 if quick else 120.0
+    if args.steps is None:
+        args.steps = 10 if quick else 1_000_000
+    if args.batch_size is None:
+        args.batch_size = 64 if quick else 1000
+    if args.eval_every is None:
+        args.eval_every = 5 if quick else 10
+    return args
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages that matter here."""
+    found = {}
+    for name in ("jax", "jaxlib", "optax", "kfax", "kfac-jax", "flax", "numpy"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def git_commit() -> str | None:
+    """The repository's commit, with ``-dirty`` if kfax has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "kfax"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (commit + ("-dirty" if dirty else "")) or None
+
+
+def machine() -> dict[str, Any]:
+    """Platform, CPU count, devices and the current load average."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "devices": [str(d) for d in jax.devices()],
+        "loadavg_start": list(os.getloadavg()),
+        "env": {
+            k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "XLA_FLAGS")
+        },
+    }
+
+
+def _round(values: list[float], digits: int = 5) -> list[float | None]:
+    return [float(f"{v:.{digits}g}") if math.isfinite(v) else None for v in values]
+
+
+def _device(batch: tuple) -> tuple[jax.Array, ...]:
+    return tuple(jnp.asarray(a) for a in batch)
+
+
+def train(
+    runners: list[Runner], streams: list, evaluate, args: argparse.Namespace, progress
+) -> tuple[list[dict], list[list[float]]]:
+    """Interleaves the runners in chunks of ``eval_every`` steps until each stops."""
+    initial = evaluate(runners[0].params)
+    records = [
+        {"loss": [], "time": [], "eval_step": [0], "eval_time": [0.0], "eval_loss": [initial]}
+        for _ in runners
+    ]
+    stopped: list[str | None] = [None] * len(runners)
+    load = []
+    start = time.perf_counter()
+    while not all(stopped):
+        for i, runner in enumerate(runners):
+            if stopped[i]:
+                continue
+            rec = records[i]
+            elapsed = rec["time"][-1] if rec["time"] else 0.0
+            for _ in range(args.eval_every):
+                batch = _device(next(streams[i]))
+                begin = time.perf_counter()
+                loss = runner.step(batch)
+                took = time.perf_counter() - begin
+                progress.update(min(took, max(0.0, args.budget_seconds - elapsed)))
+                elapsed += took
+                rec["loss"].append(loss)
+                rec["time"].append(elapsed)
+                if not math.isfinite(loss) or loss > DIVERGENCE_FACTOR * abs(rec["loss"][0]):
+                    stopped[i] = "diverged"
+                elif elapsed >= args.budget_seconds:
+                    stopped[i] = "budget"
+                elif len(rec["loss"]) >= args.steps:
+                    stopped[i] = "steps"
+                if stopped[i]:
+                    break
+            if stopped[i] != "diverged":
+                rec["eval_step"].append(len(rec["loss"]))
+                rec["eval_time"].append(elapsed)
+                rec["eval_loss"].append(evaluate(runner.params))
+        load.append([round(time.perf_counter() - start, 1), *os.getloadavg()])
+    for rec, reason in zip(records, stopped, strict=True):
+        rec["stop"] = reason
+    return records, load
+
+
+def summarise(runs: list[dict], target: float | None) -> dict[str, dict]:
+    """Best run of each optimiser (lowest final training loss) and its time to ``target``."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["group"], []).append(run)
+
+    def final(run: dict) -> float:
+        value = run["final_eval_loss"]
+        return math.inf if value is None or run["stop"] == "diverged" else value
+
+    best = {group: min(members, key=final) for group, members in groups.items()}
+    base = {name: best[name]["median_step_ms"] for name in ("adam", "kfac_jax") if name in best}
+    summary = {}
+    for group, run in best.items():
+        entry = {
+            "label": run["label"],
+            "learning_rate": run["learning_rate"],
+            "final_eval_loss": run["final_eval_loss"],
+            "steps": run["steps"],
+            "median_step_ms": run["median_step_ms"],
+            "compile_seconds": run["compile_seconds"],
+            "state_bytes": run["state_bytes"],
+            "to_target": run["to_target"],
+        }
+        for name, ms in base.items():
+            entry[f"step_ratio_vs_{name}"] = round(run["median_step_ms"] / ms, 3)
+        summary[group] = entry
+    return summary
+
+
+def time_to_target(run: dict, target: float | None) -> dict | None:
+    """Steps and timed seconds at the first evaluation with a training loss <= ``target``."""
+    if target is None:
+        return None
+    for step, seconds, loss in zip(
+        run["eval_step"], run["eval_time"], run["eval_loss"], strict=True
+    ):
+        if loss is not None and loss <= target:
+            return {"steps": step, "seconds": seconds}
+    return None
+
+
+def plot(record: dict, path: Path) -> None:
+    """Training loss of the best run of each optimiser against wall time and against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    runs = {run["label"]: run for run in record["runs"]}
+    for k, (_, entry) in enumerate(sorted(record["summary"].items())):
+        run = runs[entry["label"]]
+        color, style = f"C{k % 10}", ("-", "--", ":")[k // 10 % 3]
+        for ax, x_batch, x_eval in (
+            (axes[0], run["time"], run["eval_time"]),
+            (axes[1], range(1, run["steps"] + 1), run["eval_step"]),
+        ):
+            ax.plot(list(x_batch), run["loss"], color=color, alpha=0.2, linewidth=0.7)
+            ax.plot(x_eval, run["eval_loss"], color=color, linestyle=style, label=entry["label"])
+    target = record["target"]
+    for ax, xlabel in zip(axes, ("timed seconds (compilation excluded)", "steps"), strict=True):
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("training loss (thick: full set; faint: batch)")
+    axes[1].legend(fontsize=7)
+    s = record["settings"]
+    load = record["machine"]["loadavg_start"][0], record["machine"]["loadavg_end"][0]
+    fig.suptitle(
+        f"{s['task']} ({record['task_description']}), batch {s['batch_size']}, "
+        f"budget {s['budget_seconds']:g} s; load {load[0]:.1f}->{load[1]:.1f}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark; returns the record it writes to ``<out>/<task>...json``."""
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    if args.replot:
+        record = json.loads(args.replot.read_text())
+        plot(record, args.replot.with_suffix(".png"))
+        return record
+    info = machine()
+    task = make_task(args.task, quick=args.quick, seed=args.seed)
+    specs = expand(args.optimizers, task, quick=args.quick)
+    skipped = []
+    if not kfac_jax_available():
+        skipped = [s.label for s in specs if s.family.startswith("kfac_jax")]
+        specs = [s for s in specs if not s.family.startswith("kfac_jax")]
+        if skipped:
+            warnings.warn(f"kfac-jax is not importable; skipping {skipped}", stacklevel=2)
+    if not specs:
+        raise ValueError("no optimiser to run")
+
+    first_batch = _device(next(batch_stream(task, args.batch_size, args.seed)))
+    runners = []
+    for spec in tqdm(specs, desc="compiling", leave=False):
+        runner = make_runner(spec, task, args.seed)
+        runner.start(task.params, first_batch)
+        runners.append(runner)
+    streams = [batch_stream(task, args.batch_size, args.seed) for _ in runners]
+    evaluate = evaluator(task, args.batch_size)
+    total = len(runners) * args.budget_seconds
+    bar = "{l_bar}{bar}| {n:.0f}/{total:.0f} timed s [{elapsed}<{remaining}]"
+    with tqdm(total=total, desc=args.task, bar_format=bar) as progress:
+        records, load = train(runners, streams, evaluate, args, progress)
+    info["loadavg_end"] = list(os.getloadavg())
+    info["loadavg_during"] = load
+
+    runs = []
+    for spec, runner, rec in zip(specs, runners, records, strict=True):
+        steps = len(rec["loss"])
+        eval_loss = _round(rec["eval_loss"], 6)
+        durations = [b - a for a, b in itertools.pairwise([0.0, *rec["time"]])]
+        runs.append(
+            {
+                "label": spec.label,
+                "group": spec.group,
+                "family": spec.family,
+                "learning_rate": spec.learning_rate,
+                "options": dict(spec.options),
+                "steps": steps,
+                "stop": rec["stop"],
+                "compile_seconds": round(runner.compile_seconds, 3),
+                "state_bytes": runner.state_bytes,
+                "median_step_ms": round(1e3 * statistics.median(durations), 3),
+                "mean_step_ms": round(1e3 * rec["time"][-1] / steps, 3),
+                "final_eval_loss": eval_loss[-1] if len(eval_loss) > 1 else None,
+                "loss": _round(rec["loss"]),
+                "time": [round(t, 4) for t in rec["time"]],
+                "eval_step": rec["eval_step"],
+                "eval_time": [round(t, 4) for t in rec["eval_time"]],
+                "eval_loss": eval_loss,
+            }
+        )
+    target = args.target
+    adam = [r for r in runs if r["group"] == "adam" and r["stop"] != "diverged"]
+    if target is None and adam:
+        target = min(r["final_eval_loss"] for r in adam)  # What the best Adam reached.
+    for run in runs:
+        run["to_target"] = time_to_target(run, target)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    record = {
+        "machine": info,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "settings": settings,
+        "task_description": task.description,
+        "param_bytes": sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(task.params)),
+        "skipped": skipped,
+        "target": target,
+        "target_rule": "--target" if args.target is not None else "best Adam final training loss",
+        "summary": summarise(runs, target),
+        "runs": runs,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{args.task}{'_quick' if args.quick else ''}_b{args.batch_size}{args.tag}"
+    (args.out / f"{stem}.json").write_text(json.dumps(record, separators=(",", ":")))
+    if not args.no_plot:
+        plot(record, args.out / f"{stem}.png")
+    print_summary(record)
+    return record
+
+
+def print_summary(record: dict) -> None:
+    """A table of the best run of each optimiser."""
+    target = record["target"]
+    print(f"\n{record['settings']['task']}: target training loss {target}")
+    print(f"{'optimiser':<40}{'final':>10}{'ms/step':>10}{'xAdam':>7}{'steps':>7}{'to target':>18}")
+    for e in sorted(record["summary"].values(), key=lambda e: e["median_step_ms"]):
+        hit = e["to_target"]
+        reach = f"{hit['seconds']:.1f} s/{hit['steps']} st" if hit else "-"
+        ratio = e.get("step_ratio_vs_adam", float("nan"))
+        final = e["final_eval_loss"]
+        final_text = f"{final:.4g}" if final is not None else "-"
+        print(
+            f"{e['label']:<40}{final_text:>10}{e['median_step_ms']:>10.1f}{ratio:>7.2f}"
+            f"{e['steps']:>7}{reach:>18}"
+        )
+
+
+if __name__ == "__main__":
+    main()
