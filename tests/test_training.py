@@ -91,4 +91,4 @@ def test_adaptive_kfac_beats_the_best_adam_on_an_mnist_classifier(mnist):
         images,
         labels,
     )
-    assert kfac < 0.5 * adam, (kfac, adam)  # measured: 0.017 against 0.145
+    assert kfac < 0.5 * adam, (kfac, adam)  # measured: 0.023 against 0.145
