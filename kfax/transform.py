@@ -488,8 +488,12 @@ def scale_by_kfac(
         def model(p):
             return apply_fn(p, inputs)
 
-        outputs, jd = jax.jvp(model, (params,), (delta,))
-        _, jp = jax.jvp(model, (params,), (previous,))
+        # One forward pass for both directions: vmap batches the tangents, not the primal.
+        tangents = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), delta, previous)
+        outputs, both = jax.vmap(lambda t: jax.jvp(model, (params,), (t,)), out_axes=(None, 0))(
+            tangents
+        )
+        jd, jp = both[0], both[1]
         n = outputs.shape[0]
         wide = jnp.promote_types(outputs.dtype, lam.dtype)
         outputs, jd, jp = (x.astype(wide) for x in (outputs, jd, jp))
