@@ -22,6 +22,7 @@ from kfax.curvature import (
     Moments,
     check_kind,
     check_samples,
+    factors_from_moments,
     layer_moments,
     output_cotangents,
 )
@@ -318,13 +319,7 @@ def scale_by_kfac(
     # ---------------------------------------------------------------- statistics and inverses
 
     def input_factor(site, m: Moments) -> jax.Array:
-        if site.bias_leaf is None:
-            return m.second
-        if centered:
-            return m.second - jnp.outer(m.mean, m.mean)
-        from kfax.curvature import homogeneous
-
-        return homogeneous(m.second, m.mean)
+        return factors_from_moments(m, site.bias_leaf is not None, centered).a
 
     def normalised(moments, weight):
         safe = jnp.where(weight > 0, weight, 1.0)
