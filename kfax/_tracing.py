@@ -197,9 +197,8 @@ class _Finder:
             elif prim == "conv_general_dilated" and self._match_conv(
                 eqn, in_refs, prefix + (index,)
             ):
-                if self.found and self.found[-1]["eqn_path"] == prefix + (index,):
-                    site = len(self.found) - 1
-                    producer[eqn.outvars[0]] = (site, self.found[site]["geometry"].output_axis)
+                site = len(self.found) - 1
+                producer[eqn.outvars[0]] = (site, self.found[site]["geometry"].output_axis)
             elif (
                 prim in _WEIGHT_PASSTHROUGH
                 and _is_var(eqn.invars[0])
@@ -212,9 +211,14 @@ class _Finder:
             elif prim == "add" and self._match_bias(eqn, in_refs, producer):
                 pass
             else:
+                use = prim
+                if prim == "conv_general_dilated" and (
+                    eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1
+                ):
+                    use = "conv_general_dilated with feature or batch groups (not supported yet)"
                 for ref in in_refs:
                     if ref is not None:
-                        self.other_uses.setdefault(ref.leaf, set()).add(prim)
+                        self.other_uses.setdefault(ref.leaf, set()).add(use)
 
     def _record(self, eqn, weight: _WeightRef, input_operand: int, geometry, path) -> bool:
         self.weight_uses[weight.leaf] = self.weight_uses.get(weight.leaf, 0) + 1
@@ -266,10 +270,8 @@ class _Finder:
             return False
         p = eqn.params
         if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-            self.other_uses.setdefault(weight.leaf, set()).add(
-                "conv_general_dilated with feature or batch groups (not supported yet)"
-            )
-            return True  # consumed; reported as unmatched
+            return False  # reported as unmatched, consumed by the primitive below
+
         dn = p["dimension_numbers"]
         rhs_spec = tuple(dn.rhs_spec)
         w_shape = eqn.invars[1].aval.shape

@@ -58,17 +58,8 @@ def test_train_state_apply_gradients_does_not_forward_the_batch_to_kfac():
 
 
 def test_train_state_with_kfac_learns_a_tiny_classification_problem():
-    """The working pattern: call ``state.tx.update`` with the batch, then ``state.replace``::
-
-    updates, opt_state = state.tx.update(
-        grads, state.opt_state, state.params, inputs=x, targets=y
-    )
-    state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state,
-    )
-    """
+    """The working pattern (``train_step`` below): call ``state.tx.update`` with the batch,
+    then ``state.replace`` with the new step, params and optimiser state."""
     x, y = blobs()
     state = linen_state(x)
 
