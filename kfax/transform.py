@@ -340,6 +340,12 @@ def scale_by_kfac(
         keep = _all_finite(new) & (weight > 0)
         return jax.tree_util.tree_map(lambda n, o: jnp.where(keep, n, o), new, old)
 
+    def refresh_if(do_inverse, sites, moments, weight, lam, old):
+        """The refreshed curvature on inverse steps, ``old`` otherwise."""
+        return jax.lax.cond(
+            do_inverse, lambda: refresh_curvature(sites, moments, weight, lam, old), lambda: old
+        )
+
     def batch_scalings(sites, curvature, means, layer_inputs, cotangents, scale):
         """EKFAC diagonal ``scale * sum_rows (Q_A^T h)^2 (sum_columns (Q_B^T g)^2)``."""
         out = {}
@@ -377,11 +383,7 @@ def scale_by_kfac(
             batch,
         )
         weight = jnp.where(finite, decay * state.moments_weight + (1 - decay), state.moments_weight)
-        curvature = jax.lax.cond(
-            do_inverse,
-            lambda: refresh_curvature(traced.layers, moments, weight, lam, state.curvature),
-            lambda: state.curvature,
-        )
+        curvature = refresh_if(do_inverse, traced.layers, moments, weight, lam, state.curvature)
         scalings, scalings_weight = state.scalings, state.scalings_weight
         if eigen_correction:
             means = {k: v.mean for k, v in normalised(moments, weight).items()}
@@ -554,12 +556,13 @@ def scale_by_kfac(
             )
 
         def without_stats():
-            curvature = jax.lax.cond(
+            curvature = refresh_if(
                 do_inverse,
-                lambda: refresh_curvature(
-                    traced.layers, state.moments, state.moments_weight, lam, state.curvature
-                ),
-                lambda: state.curvature,
+                traced.layers,
+                state.moments,
+                state.moments_weight,
+                lam,
+                state.curvature,
             )
             return (
                 state.moments,
