@@ -1,28 +1,36 @@
 """kfax: K-FAC, natural gradient and Gauss-Newton preconditioning as optax transformations."""
 
-from kfax import exact, losses
+from kfax import blocks, exact, losses, statistics
 from kfax._capture import NoLayersError
-from kfax.curvature import Factors, Moments, kronecker_factors
+from kfax._step import KFACState, LayerHealth
+from kfax.adaptive import QuadraticModelState, StepInfo, quadratic_model_step
+from kfax.alias import kfac
+from kfax.constraints import NormConstraintState, norm_constrained
+from kfax.curvature import Factors, kronecker_factors
 from kfax.report import Layer, LayerReport, describe, find_layers
-from kfax.transform import EigenBasis, FactoredInverse, KFACState, StepInfo, kfac, scale_by_kfac
+from kfax.transform import scale_by_kfac
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "EigenBasis",
-    "FactoredInverse",
-    "KFACState",
-    "StepInfo",
-    "kfac",
-    "scale_by_kfac",
     "Factors",
+    "KFACState",
     "Layer",
+    "LayerHealth",
     "LayerReport",
-    "Moments",
     "NoLayersError",
+    "NormConstraintState",
+    "QuadraticModelState",
+    "StepInfo",
+    "blocks",
     "describe",
     "exact",
     "find_layers",
+    "kfac",
     "kronecker_factors",
     "losses",
+    "norm_constrained",
+    "quadratic_model_step",
+    "scale_by_kfac",
+    "statistics",
 ]

@@ -16,7 +16,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from kfax import _tracing
-from kfax.curvature import check_kind, check_samples
+from kfax.statistics import check_kind, check_samples
 from kfax.losses import Loss, check_loss
 
 

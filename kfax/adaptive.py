@@ -1,0 +1,211 @@
+"""The quadratic-model step and Levenberg-Marquardt damping (Martens & Grosse 2015, sections 6-7).
+
+Wraps a preconditioner: it owns the damping ``lam`` and passes it in, takes the preconditioner's
+direction ``Delta``, and chooses the step ``d = alpha Delta + mu d_prev`` that minimises the
+quadratic model of the loss
+
+    q(d) = <grad_f L, J d> + 1/2 <J d, H J d> + lam/2 |d|^2
+
+over ``alpha`` and ``mu``, where ``J`` is the model's Jacobian on the batch, ``H`` the loss's
+output curvature and ``grad_f L`` the gradient of kfax's own mean loss at the outputs: the model
+is that of the loss ``loss(apply_fn(params, inputs), targets, where)``, whatever the scale of the
+gradient the caller passes (a sum over the batch, a per-token mean). Every ``damping_every``
+steps the reduction ratio ``rho = (L(params + d) - L(params)) / q(d)`` moves ``lam`` by
+Levenberg-Marquardt's rule. A step that is not finite is not stored: the previous update and the
+damping stay, and the step is counted.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kfax import _trees, _validation
+from kfax.losses import Loss, check_loss
+
+# Levenberg-Marquardt: lower lam when rho > 3/4, raise it when rho < 1/4, by (19/20)^every.
+_LOWER_ABOVE, _RAISE_BELOW, _OMEGA = 0.75, 0.25, 19.0 / 20.0
+# Gradient scales further than this from 1 are reported once (see StepInfo.gradient_scale).
+_SCALE_TOLERANCE = 0.1
+
+
+class StepInfo(NamedTuple):
+    """Quantities of the last step worth logging; each is always defined (no NaN placeholders).
+
+    Attributes:
+      step_size: ``alpha`` (0 before the first step).
+      momentum: ``mu`` (0 on the first step, when no previous update exists).
+      predicted_change: ``q(d)`` of the step taken (0 before the first step).
+      reduction_ratio: ``rho`` as last measured (1 before the first measurement).
+      ratio_step: the step count at which ``rho`` was last measured (-1: never).
+      damping: the damping ``lam`` the step used.
+      gradient_scale: ``<grad, Delta> / <grad_f L, J Delta>``: 1 when the gradient passed to
+        ``update`` is that of kfax's mean loss on ``inputs`` (0 before the first step).
+      skipped_steps: steps whose step size, momentum or update were not finite (not stored).
+    """
+
+    step_size: jax.Array
+    momentum: jax.Array
+    predicted_change: jax.Array
+    reduction_ratio: jax.Array
+    ratio_step: jax.Array
+    damping: jax.Array
+    gradient_scale: jax.Array
+    skipped_steps: jax.Array
+
+
+class QuadraticModelState(NamedTuple):
+    """State of :func:`quadratic_model_step`: the wrapped state, the previous update, the damping."""
+
+    count: jax.Array
+    inner: Any
+    previous_update: Any
+    damping: jax.Array
+    info: StepInfo
+
+
+def _quadratic_terms(apply_fn, loss, params, inputs, targets, where, tangents, lam):
+    """Gradient terms ``b``, curvature matrix ``M`` (2x2) and the loss at ``params``."""
+    outputs, jvps = jax.vmap(
+        lambda t: jax.jvp(lambda p: apply_fn(p, inputs), (params,), (t,)), out_axes=(None, 0)
+    )(tangents)
+    dtype = jnp.promote_types(outputs.dtype, lam.dtype)
+    outputs, jvps = outputs.astype(dtype), jvps.astype(dtype)
+    weights = loss.position_weights(outputs, targets, where)
+    n = outputs.shape[0]
+    gradient = loss.output_gradient(outputs, targets, where) / n
+    curvature = jax.vmap(lambda v: loss.curvature_product(outputs, v, weights) / n)(jvps)
+    b = jnp.einsum("k...,...->k", jvps, gradient)
+    m = jnp.einsum("i...,j...->ij", jvps, curvature)
+    norms = jax.vmap(lambda s: jax.vmap(lambda t: _trees.vdot(s, t))(tangents))(tangents)
+    return b, m + lam * norms, loss(outputs, targets, where)
+
+
+def _solve(b: jax.Array, m: jax.Array, has_previous: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(alpha, mu)`` minimising ``b . x + 1/2 x^T M x``; ``mu = 0`` without a previous update
+    or when the 2x2 system is singular."""
+    det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+    use_two = has_previous & (det > 1e-12 * jnp.abs(m[0, 0] * m[1, 1]))
+    safe_det = jnp.where(use_two, det, 1.0)
+    alpha_two = (-b[0] * m[1, 1] + b[1] * m[0, 1]) / safe_det
+    mu_two = (b[0] * m[0, 1] - b[1] * m[0, 0]) / safe_det
+    alpha_one = -b[0] / jnp.where(m[0, 0] > 0, m[0, 0], 1.0)
+    return jnp.where(use_two, alpha_two, alpha_one), jnp.where(use_two, mu_two, 0.0)
+
+
+def _warn_gradient_scale(scale) -> None:
+    warnings.warn(
+        "kfax.quadratic_model_step: the gradient passed to update is not the gradient of kfax's "
+        "mean loss on inputs (its directional derivative differs by a factor "
+        f"{float(scale):.3g}). The adaptive step uses kfax's own loss, so training is unaffected "
+        "if that factor is only a scale (a sum over the batch, a per-token mean) or a "
+        "regulariser you add; otherwise check that loss, targets and where match your loss.",
+        stacklevel=2,
+    )
+
+
+def quadratic_model_step(
+    preconditioner: optax.GradientTransformation,
+    apply_fn: Any,
+    loss: Loss,
+    *,
+    damping: float = 1e-2,
+    adaptive_damping: bool = True,
+    damping_every: int = 5,
+    min_damping: float = 1e-8,
+    max_damping: float = 1e10,
+) -> optax.GradientTransformationExtraArgs:
+    """Step size, momentum and damping from the quadratic model (module docstring).
+
+    Args:
+      preconditioner: a transform that accepts ``update(..., damping=lam)``, such as
+        :func:`kfax.scale_by_kfac`; its output is the direction ``-Delta`` to descend along.
+      apply_fn, loss: the model and the output distribution of the preconditioner.
+      damping: the initial damping ``lam`` (> 0).
+      adaptive_damping: adjust ``lam`` every ``damping_every`` steps by the reduction ratio.
+      damping_every: cadence of the adjustment; ``lam`` moves by ``(19/20)^damping_every``.
+      min_damping, max_damping: bounds of the adjusted damping.
+
+    Returns:
+      A transform whose ``update(grads, state, params, *, inputs, targets, where=None)`` returns
+      the step ``d`` to add to the parameters (already signed), with
+      :class:`QuadraticModelState` (its ``info`` is a :class:`StepInfo`).
+
+    Raises:
+      ValueError: for invalid options, or an ``update`` without ``params``, ``inputs`` or
+        ``targets``.
+
+    References:
+      Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
+      curvature", ICML 2015, sections 6.5 (damping) and 7 (step size and momentum).
+    """
+    check_loss(loss)
+    _validation.positive("damping", damping)
+    _validation.count("damping_every", damping_every)
+    _validation.positive("min_damping", min_damping)
+    _validation.positive("max_damping", max_damping)
+    preconditioner = optax.with_extra_args_support(preconditioner)
+
+    def init_fn(params):
+        dtype = jnp.promote_types(optax.tree.dtype(params, "highest"), jnp.float32)
+        zero, lam = jnp.zeros((), dtype), jnp.asarray(damping, dtype)
+        info = StepInfo(zero, zero, zero, jnp.ones((), dtype), jnp.asarray(-1, jnp.int32), lam,
+                        zero, jnp.zeros((), jnp.int32))
+        return QuadraticModelState(
+            jnp.zeros((), jnp.int32), preconditioner.init(params),
+            optax.tree.zeros_like(params), lam, info,
+        )
+
+    def update_fn(grads, state, params=None, *, inputs=None, targets=None, where=None, **extra):
+        if params is None or inputs is None or targets is None:
+            raise ValueError(
+                "the adaptive step (kfax.kfac(None, ...) / quadratic_model_step) needs params, "
+                "inputs=... and targets=... in update: it evaluates the loss on the batch."
+            )
+        lam = state.damping
+        direction, inner = preconditioner.update(
+            grads, state.inner, params, inputs=inputs, targets=targets, where=where,
+            damping=lam, **extra,
+        )
+        delta = jax.tree.map(jnp.negative, direction)
+        previous = state.previous_update
+        tangents = jax.tree.map(lambda a, b: jnp.stack([a, b.astype(a.dtype)]), delta, previous)
+        b, m, before = _quadratic_terms(apply_fn, loss, params, inputs, targets, where,
+                                        tangents, lam)
+        alpha, mu = _solve(b, m, state.count > 0)
+        step = jax.tree.map(lambda d, p: (alpha * d + mu * p).astype(d.dtype), delta, previous)
+        predicted = 0.5 * (alpha * b[0] + mu * b[1])
+        scale = _trees.vdot(grads, delta) / jnp.where(b[0] != 0, b[0], 1.0)
+        jax.lax.cond(jnp.abs(scale - 1) > _SCALE_TOLERANCE,
+                     lambda: jax.debug.callback(_warn_gradient_scale, scale), lambda: None)
+
+        def ratio():
+            new = optax.apply_updates(params, step)
+            after = loss(apply_fn(new, inputs).astype(before.dtype), targets, where)
+            return (after - before) / jnp.minimum(predicted, -jnp.finfo(before.dtype).tiny)
+
+        measure = adaptive_damping & (state.count % damping_every == 0)
+        rho = jax.lax.cond(measure, ratio, lambda: state.info.reduction_ratio)
+        omega = jnp.asarray(_OMEGA, lam.dtype) ** damping_every
+        moved = jnp.where(rho > _LOWER_ABOVE, lam * omega, jnp.where(rho < _RAISE_BELOW, lam / omega, lam))
+        ok = _trees.all_finite((alpha, mu, step, predicted))
+        measured = measure & ok & jnp.isfinite(rho)
+        new_lam = jnp.where(measured, jnp.clip(moved, min_damping, max_damping), lam)
+        info = StepInfo(
+            *(jnp.where(ok, v, 0.0).astype(lam.dtype) for v in (alpha, mu, predicted)),
+            jnp.where(measured, rho, state.info.reduction_ratio).astype(lam.dtype),
+            jnp.where(measured, state.count, state.info.ratio_step),
+            lam,
+            jnp.where(jnp.isfinite(scale), scale, 0.0).astype(lam.dtype),
+            state.info.skipped_steps + (~ok).astype(jnp.int32),
+        )
+        stored = jax.tree.map(lambda s, p: jnp.where(ok, s, p), step, previous)
+        new_state = QuadraticModelState(state.count + 1, inner, stored, new_lam.astype(lam.dtype),
+                                        info)
+        return step, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

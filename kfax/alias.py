@@ -1,0 +1,174 @@
+"""``kfax.kfac``: K-FAC with a learning rate (or the adaptive step), in optax's style.
+
+A named-argument alias that composes the parts: the preconditioner (:func:`kfax.scale_by_kfac`),
+then either the norm constraint, heavy-ball momentum and the learning rate, or the quadratic-model
+step with Levenberg-Marquardt damping (:func:`kfax.quadratic_model_step`). Every argument is
+named, so ``optax.inject_hyperparams(kfax.kfac, static_args=("apply_fn", "loss",
+"example_inputs"))`` can inject the learning rate, momentum and damping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from kfax import _validation
+from kfax.adaptive import quadratic_model_step
+from kfax.blocks import BlockChoice
+from kfax.constraints import norm_constrained
+from kfax.losses import Loss
+from kfax.transform import ScalarOrSchedule, scale_by_kfac
+
+DEFAULT_MOMENTUM = 0.9
+DEFAULT_NORM_CONSTRAINT = 1e-2
+DEFAULT_DAMPING_EVERY = 5
+DEFAULT_MIN_DAMPING = 1e-8
+
+
+def _check_mode(adaptive: bool, momentum, norm_constraint, adaptive_damping, extra) -> None:
+    """Options that only one mode uses are errors in the other, naming both options."""
+    if adaptive:
+        for name, value in (("momentum", momentum), ("norm_constraint", norm_constraint)):
+            if value is not None:
+                raise ValueError(
+                    f"{name}={value!r} has no effect with learning_rate=None: the adaptive step "
+                    f"chooses its step size and momentum itself. Leave {name} unset, or pass a "
+                    "learning rate."
+                )
+        if adaptive_damping is False:
+            for name, value in extra.items():
+                if value is not None:
+                    raise ValueError(
+                        f"{name}={value!r} has no effect with adaptive_damping=False; leave it "
+                        "unset."
+                    )
+        return
+    if adaptive_damping:
+        raise ValueError(
+            "adaptive_damping=True needs the adaptive step (learning_rate=None): with a fixed "
+            "learning rate nothing measures the reduction ratio that adapts the damping. Pass "
+            "learning_rate=None, or a damping schedule."
+        )
+    for name, value in extra.items():
+        if value is not None:
+            raise ValueError(
+                f"{name}={value!r} is an option of adaptive damping, which needs "
+                "learning_rate=None; leave it unset with a fixed learning rate."
+            )
+
+
+def kfac(
+    learning_rate: optax.ScalarOrSchedule | None,
+    apply_fn: Callable[[Any, Any], jax.Array],
+    loss: Loss,
+    *,
+    example_inputs: Any = None,
+    momentum: float | None = None,
+    damping: ScalarOrSchedule = 1e-2,
+    norm_constraint: float | bool | None = None,
+    adaptive_damping: bool | None = None,
+    damping_every: int | None = None,
+    min_damping: float | None = None,
+    block: BlockChoice = "default",
+    centering: str = "exact",
+    kind: str = "mc",
+    samples: int | None = None,
+    ema_decay: float = 0.95,
+    stats_every: int = 1,
+    inverse_every: int = 10,
+    stats_batch_size: int | None = None,
+    batch_axes: Any = None,
+    unmatched: optax.GradientTransformation | None = None,
+    seed: int = 0,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """K-FAC with a learning rate and momentum, or with the adaptive step of Martens & Grosse.
+
+    * ``learning_rate`` a float or schedule: ``chain(norm_constrained(scale_by_kfac(...),
+      norm_constraint, learning_rate), trace(momentum), scale_by_learning_rate(learning_rate))``:
+      the preconditioned gradient, scaled so that ``lr^2 <Delta, grad> <= norm_constraint``
+      (default ``1e-2``; ``False`` turns it off), with heavy-ball momentum (default 0.9; 0 for
+      none), descending at ``learning_rate``.
+    * ``learning_rate=None``: ``quadratic_model_step(scale_by_kfac(...))``: step size and
+      momentum from the quadratic model every step, and Levenberg-Marquardt damping starting from
+      ``damping`` (``adaptive_damping`` defaults to True; ``damping_every`` to 5, ``min_damping``
+      to 1e-8). ``update`` then needs ``targets``.
+
+    An option that a mode does not use is an error in that mode, never silently ignored.
+
+    Args:
+      learning_rate: a float, an optax schedule, or ``None`` for the adaptive mode.
+      apply_fn, loss, example_inputs: as in :func:`kfax.scale_by_kfac`.
+      momentum: heavy-ball momentum for a fixed learning rate (default 0.9).
+      damping: the damping (fixed learning rate: a float, array or schedule; adaptive: the
+        initial value of the Levenberg-Marquardt rule). Default ``1e-2``.
+      norm_constraint: the bound ``c`` of the norm constraint (fixed learning rate only).
+      adaptive_damping, damping_every, min_damping: the Levenberg-Marquardt rule (adaptive only).
+      block, centering, kind, samples, ema_decay, stats_every, inverse_every, stats_batch_size,
+        batch_axes, unmatched, seed, axis_name: passed to :func:`kfax.scale_by_kfac`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, inputs,
+      targets=None, where=None)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, kfax
+      >>> params = {"dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}
+      >>> apply_fn = lambda p, x: x @ p["dense"]["kernel"] + p["dense"]["bias"]
+      >>> loss = kfax.losses.SquaredError()
+      >>> x, y = jnp.ones((8, 3)), jnp.ones((8, 2))
+      >>> opt = kfax.kfac(None, apply_fn, loss, example_inputs=x)
+      >>> state = opt.init(params)
+      >>> grads = jax.grad(lambda p: loss(apply_fn(p, x), y))(params)
+      >>> updates, state = opt.update(grads, state, params, inputs=x, targets=y)
+      >>> params = optax.apply_updates(params, updates)
+
+    References:
+      Martens & Grosse, ICML 2015. Ba, Grosse & Martens, ICLR 2017 (norm constraint).
+    """
+    adaptive = learning_rate is None
+    extra = {"damping_every": damping_every, "min_damping": min_damping}
+    _check_mode(adaptive, momentum, norm_constraint, adaptive_damping, extra)
+    preconditioner = scale_by_kfac(
+        apply_fn,
+        loss,
+        example_inputs=example_inputs,
+        damping=damping,
+        block=block,
+        centering=centering,
+        kind=kind,
+        samples=samples,
+        ema_decay=ema_decay,
+        stats_every=stats_every,
+        inverse_every=inverse_every,
+        stats_batch_size=stats_batch_size,
+        batch_axes=batch_axes,
+        unmatched=unmatched,
+        seed=seed,
+        axis_name=axis_name,
+    )
+    if adaptive:
+        return quadratic_model_step(
+            preconditioner,
+            apply_fn,
+            loss,
+            damping=damping,
+            adaptive_damping=adaptive_damping is not False,
+            damping_every=DEFAULT_DAMPING_EVERY if damping_every is None else damping_every,
+            min_damping=DEFAULT_MIN_DAMPING if min_damping is None else min_damping,
+        )
+    _validation.positive("learning_rate", learning_rate, schedule=True)
+    momentum = DEFAULT_MOMENTUM if momentum is None else momentum
+    _validation.in_unit_interval("momentum", momentum)
+    if norm_constraint is None or norm_constraint is True:
+        norm_constraint = DEFAULT_NORM_CONSTRAINT
+    if norm_constraint is not False:
+        preconditioner = norm_constrained(preconditioner, norm_constraint, learning_rate)
+    return optax.chain(
+        preconditioner,
+        optax.trace(decay=momentum),
+        optax.scale_by_learning_rate(learning_rate),
+    )

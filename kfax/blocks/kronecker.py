@@ -1,0 +1,247 @@
+"""What every Kronecker-factored block shares: the factors' statistics, centring, and the bias.
+
+A Kronecker block approximates a layer's curvature as ``A (x) B``. This module keeps the
+statistics (``E[h]``, ``Cov(h)``, ``E[g g^T]`` as bias-corrected moving averages), builds the input
+factor the centring option asks for, and turns a layer's gradient into the matrix a concrete block
+(``factored``, ``eigen``, ``ekfac``) inverts, and back. Concrete blocks only say how to refresh
+their curvature from ``(A, B, damping)``, apply it to a matrix, and solve with the output factor.
+
+Centring (``docs/math.md``, "Centered K-FAC"), for a layer ``a = K^T h + b`` with a bias:
+
+* ``"exact"``: ``A = C = Cov(h)``; ``Delta_K = C^{-1} (dK - m db^T) B^{-1}``,
+  ``Delta_b = B^{-1} db - Delta_K^T m``; at zero damping this equals homogeneous K-FAC exactly;
+* ``"simple"``: the same weight update, ``Delta_b = B^{-1} db``;
+* ``"none"``: homogeneous K-FAC, ``A = E[[h; 1][h; 1]^T]`` (size ``d_in + 1``).
+
+The mean ``m`` used by the update is the one stored with the curvature at its last refresh, so
+the identity with homogeneous K-FAC holds on every step, not only on refresh steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kfax import _tracing
+from kfax.blocks.base import LayerGradient
+from kfax.statistics import HIGHEST, LayerCapture, input_moments, output_moment
+
+CENTERINGS = ("exact", "simple", "none")
+
+
+class KroneckerStatistics(NamedTuple):
+    """Bias-corrected moving averages of one layer's moments.
+
+    Attributes:
+      mean: ``E[h]``, shape ``(d_in,)``.
+      covariance: ``Cov(h) = E[(h - mean)(h - mean)^T]``, shape ``(d_in, d_in)``.
+      output: ``E[g g^T]`` (mean over examples of the sum over positions), ``(d_out, d_out)``.
+      weight: the moving average's normaliser, ``1 - decay^t`` after ``t`` batches (0: no data).
+    """
+
+    mean: jax.Array
+    covariance: jax.Array
+    output: jax.Array
+    weight: jax.Array
+
+
+class KroneckerCurvature(NamedTuple):
+    """A Kronecker block's curvature: the mean it was refreshed with, and the block's own part."""
+
+    mean: jax.Array
+    factors: Any
+
+
+def moving_average_step(weight: jax.Array, decay: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(beta, new_weight)``: a bias-corrected average moves by ``beta`` towards a new batch.
+
+    With ``new_weight = decay * weight + (1 - decay)`` and ``beta = (1 - decay) / new_weight``,
+    the average after batches ``x_1 ... x_t`` is ``sum_s decay^(t-s) (1 - decay) x_s / (1 -
+    decay^t)``; the first batch (``weight = 0``) gives ``beta = 1``.
+    """
+    decay = jnp.asarray(decay, weight.dtype)
+    new_weight = decay * weight + (1 - decay)
+    return (1 - decay) / jnp.maximum(new_weight, jnp.finfo(weight.dtype).tiny), new_weight
+
+
+def merge_moments(
+    statistics: KroneckerStatistics,
+    mean: jax.Array,
+    covariance: jax.Array,
+    count: jax.Array,
+    output: jax.Array,
+    decay: jax.Array,
+) -> KroneckerStatistics:
+    """Mix a batch's (mean, covariance) into the averages as a two-component mixture.
+
+    ``mean' = mean + beta d``, ``C' = (1 - beta) C + beta C_batch + beta (1 - beta) d d^T`` with
+    ``d = mean_batch - mean``: every term is positive semi-definite, so no cancellation occurs
+    however large the mean (Chan, Golub and LeVeque's pairwise update). A batch in which no row
+    counted (``count = 0``) leaves the input side as it was.
+    """
+    beta, weight = moving_average_step(statistics.weight, decay)
+    empty = count <= 0
+    mean = jnp.where(empty, statistics.mean, mean)
+    covariance = jnp.where(empty, statistics.covariance, covariance)
+    delta = mean - statistics.mean
+    return KroneckerStatistics(
+        mean=statistics.mean + beta * delta,
+        covariance=(1 - beta) * statistics.covariance
+        + beta * covariance
+        + (beta * (1 - beta)) * jnp.outer(delta, delta),
+        output=statistics.output + beta * (output - statistics.output),
+        weight=weight,
+    )
+
+
+def input_factor(
+    mean: jax.Array, covariance: jax.Array, has_bias: bool, centering: str
+) -> jax.Array:
+    """``A`` from ``E[h]`` and ``Cov(h)``: the covariance ``C`` (centred, a layer with a bias),
+    ``E[[h;1][h;1]^T]`` (homogeneous, ``centering="none"``; the homogeneous coordinate last), or
+    ``E[h h^T]`` (a layer without a bias)."""
+    if has_bias and centering != "none":
+        return covariance
+    second = covariance + jnp.outer(mean, mean)
+    if not has_bias:
+        return second
+    one = jnp.ones((1, 1), second.dtype)
+    top = jnp.concatenate([second, mean[:, None]], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([mean[None, :], one], axis=1)], axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class KroneckerBlock:
+    """Base of the Kronecker blocks: statistics, centring and the bias algebra.
+
+    Subclasses implement ``identity_factors``, ``refresh_factors``, ``apply`` and
+    ``solve_output``; see :mod:`kfax.blocks.factored` for the smallest one.
+    """
+
+    site: _tracing.LayerSite
+    centering: str = "exact"
+
+    name: ClassVar[str] = "kronecker"
+    kinds: ClassVar[tuple[str, ...]] = ("dense", "conv")
+
+    # ---------------------------------------------------------------- shape of the factors
+
+    @property
+    def has_bias(self) -> bool:
+        return self.site.bias_path is not None
+
+    @property
+    def centred(self) -> bool:
+        return self.has_bias and self.centering != "none"
+
+    @property
+    def homogeneous(self) -> bool:
+        return self.has_bias and self.centering == "none"
+
+    @property
+    def input_size(self) -> int:
+        """Size of ``A``: ``d_in``, plus the homogeneous coordinate for homogeneous K-FAC."""
+        return self.site.geometry.d_in + int(self.homogeneous)
+
+    @property
+    def output_size(self) -> int:
+        return self.site.geometry.d_out
+
+    # ---------------------------------------------------------------- statistics
+
+    def init(self, dtype: Any) -> tuple[KroneckerStatistics, KroneckerCurvature]:
+        d_in, d_out = self.site.geometry.d_in, self.output_size
+        statistics = KroneckerStatistics(
+            jnp.zeros((d_in,), dtype),
+            jnp.zeros((d_in, d_in), dtype),
+            jnp.zeros((d_out, d_out), dtype),
+            jnp.zeros((), dtype),
+        )
+        identity = self.identity_factors(self.input_size, d_out, dtype)
+        return statistics, KroneckerCurvature(jnp.zeros((d_in,), dtype), identity)
+
+    def observe(
+        self, statistics: KroneckerStatistics, capture: LayerCapture, decay: jax.Array
+    ) -> KroneckerStatistics:
+        moments = input_moments(self.site.geometry, capture)
+        output = output_moment(self.site.geometry, capture)
+        dtype = statistics.covariance.dtype
+        return merge_moments(
+            statistics,
+            moments.mean.astype(dtype),
+            moments.covariance.astype(dtype),
+            moments.count,
+            output.astype(dtype),
+            decay,
+        )
+
+    def input_factor(self, statistics: KroneckerStatistics) -> jax.Array:
+        return input_factor(statistics.mean, statistics.covariance, self.has_bias, self.centering)
+
+    def input_trace_mean(self, a: jax.Array) -> jax.Array:
+        """The mean eigenvalue of the whole input factor, the bias coordinate included.
+
+        Centred K-FAC's input factor is ``blockdiag(C, 1)`` in centred coordinates, so the bias
+        coordinate counts with its 1: a layer whose input is constant (``C = 0``) keeps a
+        positive trace, and its bias keeps a finite damping (issue: a frozen bias).
+        """
+        if self.centred:
+            return (jnp.trace(a) + 1) / (a.shape[0] + 1)
+        return jnp.trace(a) / a.shape[0]
+
+    # ---------------------------------------------------------------- curvature
+
+    def refresh(self, statistics: KroneckerStatistics, damping: jax.Array) -> KroneckerCurvature:
+        a = self.input_factor(statistics)
+        factors = self.refresh_factors(a, statistics.output, jnp.asarray(damping, a.dtype))
+        return KroneckerCurvature(statistics.mean, factors)
+
+    def observe_in_basis(
+        self, curvature: KroneckerCurvature, capture: LayerCapture, decay: jax.Array
+    ) -> KroneckerCurvature:
+        del capture, decay
+        return curvature
+
+    def precondition(
+        self,
+        statistics: KroneckerStatistics,
+        curvature: KroneckerCurvature,
+        grad: LayerGradient,
+        damping: jax.Array,
+    ) -> LayerGradient:
+        del statistics
+        dtype = curvature.mean.dtype
+        damping = jnp.asarray(damping, dtype)
+        dk = grad.weight.astype(dtype)
+        db = None if grad.bias is None else grad.bias.astype(dtype)
+        mean = curvature.mean
+        if self.centred:
+            dk = dk - jnp.outer(mean, db)
+        elif self.homogeneous:
+            dk = jnp.concatenate([dk, db[None, :]], axis=0)
+        delta = self.apply(curvature.factors, dk, damping)
+        if self.homogeneous:
+            return LayerGradient(delta[:-1], delta[-1])
+        if not self.centred:
+            return LayerGradient(delta, None)
+        delta_b = self.solve_output(curvature.factors, db, damping)
+        if self.centering == "exact":
+            delta_b = delta_b - jnp.matmul(delta.T, mean, precision=HIGHEST)
+        return LayerGradient(delta, delta_b)
+
+    # ---------------------------------------------------------------- for subclasses
+
+    def identity_factors(self, input_size: int, output_size: int, dtype: Any) -> Any:
+        raise NotImplementedError
+
+    def refresh_factors(self, a: jax.Array, b: jax.Array, damping: jax.Array) -> Any:
+        raise NotImplementedError
+
+    def apply(self, factors: Any, matrix: jax.Array, damping: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def solve_output(self, factors: Any, vector: jax.Array, damping: jax.Array) -> jax.Array:
+        raise NotImplementedError

@@ -1,0 +1,301 @@
+"""The one statistics pass: a batch's layer inputs, output cotangents, and their moments.
+
+Turns ``(apply_fn, params, inputs)``, a loss and a curvature kind into, per layer, what every
+consumer of curvature statistics needs: the layer input, the cotangents of the layer output
+pulled back from the output cotangents the kind prescribes, which rows count (masked positions do
+not), and the Kronecker moments ``E[h]``, ``Cov(h)`` and ``E[g g^T]``. :func:`kfax.kronecker_factors`,
+the optimiser's curvature blocks, EKFAC's scalings and the benchmarks all call this module; it
+knows nothing of optimiser state.
+
+Conventions (``docs/math.md``): with ``N`` examples, ``kappa`` the loss's position weights and
+``K-FAC-expand`` over shared positions,
+
+* ``mean = E[h]`` and ``covariance = E[(h - mean)(h - mean)^T]`` average over the rows (examples and
+  shared positions) that count, i.e. whose position weight is non-zero;
+* ``output = scale * sum_columns sum_rows g g^T``, ``scale = 1 / (N * samples)``: the mean over
+  examples of the sum over positions (masked positions have zero cotangents).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kfax import _capture, _layers, _tracing
+from kfax.losses import Loss
+
+KINDS = ("mc", "exact", "empirical")
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class LayerCapture(NamedTuple):
+    """One layer's share of a statistics pass.
+
+    Attributes:
+      inputs: the layer's input activation, as the model computed it.
+      cotangents: cotangents of the layer output, one per output-cotangent column, stacked on a
+        leading axis: shape ``(columns, *layer_output_shape)``.
+      scale: ``1 / (N * samples)``: multiplies sums over columns and rows into the output factor.
+      row_weights: ``None`` when every row counts, else one weight per row of ``h`` in ``[0, 1]``
+        (1 for a position that counts, 0 for a masked one; the fraction of counted positions
+        where a layer's positions do not map onto the output's).
+      batch: ``N``, the number of examples.
+    """
+
+    inputs: jax.Array
+    cotangents: jax.Array
+    scale: jax.Array
+    row_weights: jax.Array | None
+    batch: int
+
+
+class Pass(NamedTuple):
+    """A statistics pass over one batch: the model outputs, the layers, and each one's capture."""
+
+    outputs: jax.Array
+    sites: tuple[_tracing.LayerSite, ...]
+    layers: dict[str, LayerCapture]
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(
+            f"kind must be one of {KINDS}: 'mc' (true Fisher, targets sampled from the model), "
+            f"'exact' (exact Gauss-Newton), 'empirical' (empirical Fisher, data targets); "
+            f"got {kind!r}."
+        )
+
+
+def check_samples(samples: Any) -> int:
+    """``samples`` as an int (``None`` means 1); a clear error for anything else."""
+    if samples is None:
+        return 1
+    if isinstance(samples, jax.core.Tracer):
+        raise ValueError(
+            "samples sets array shapes and cannot be a traced value: pass it as a Python int "
+            "(with optax.inject_hyperparams, list 'samples' in static_args)."
+        )
+    if isinstance(samples, bool) or not float(samples).is_integer() or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}.")
+    return int(samples)
+
+
+def output_cotangents(
+    loss: Loss,
+    kind: str,
+    outputs: jax.Array,
+    weights: jax.Array | None,
+    *,
+    targets: Any = None,
+    where: Any = None,
+    key: jax.Array | None = None,
+    samples: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """Output cotangents ``u`` for a curvature kind, stacked on a leading column axis.
+
+    Returns ``(columns, scale)``, ``scale = 1 / (N * samples)`` (``samples = 1`` unless ``mc``):
+
+    * ``mc``: ``u = sqrt(kappa) grad_f l(f, y~)``, ``y~ ~ p(y | f)``, one column per sample,
+      drawn with ``jax.random.split(key, samples)``;
+    * ``exact``: the columns of ``S`` with ``S S^T = kappa d^2 l / d f^2``;
+    * ``empirical``: ``u = grad_f (kappa l(f, y))`` for the data targets.
+    """
+    check_kind(kind)
+    batch = outputs.shape[0]
+    outputs = jax.lax.stop_gradient(outputs)
+    if kind == "mc":
+        if key is None:
+            raise ValueError(
+                "kind='mc' samples targets from the model and needs a PRNG key: pass key=..."
+            )
+        keys = jax.random.split(key, samples)
+        columns = jax.vmap(lambda k: loss.sampled_cotangent(k, outputs, weights))(keys)
+        return columns, jnp.asarray(1.0 / (batch * samples), outputs.dtype)
+    scale = jnp.asarray(1.0 / batch, outputs.dtype)
+    if kind == "exact":
+        return loss.curvature_sqrt(outputs, weights), scale
+    if targets is None:
+        raise ValueError(
+            "kind='empirical' uses the data's own labels: pass targets=... (or use kind='mc' for "
+            "the true Fisher, which samples targets from the model)."
+        )
+    return loss.output_gradient(outputs, targets, where)[None], scale
+
+
+def row_weights(site: _tracing.LayerSite, kappa: jax.Array | None) -> jax.Array | None:
+    """Which rows of a layer's ``h`` count, from the loss's position weights ``kappa``.
+
+    A row counts where its position's weight is non-zero. When the layer's rows are the output's
+    positions (same leading shape) the map is one to one; otherwise each row of example ``n`` gets
+    the fraction of example ``n``'s output positions that count.
+    """
+    if kappa is None:
+        return None
+    counts = (kappa != 0).astype(jnp.float32)
+    shape = list(site.output_shape)
+    del shape[site.geometry.output_axis]
+    if tuple(shape) == tuple(counts.shape):
+        return counts.reshape(-1)
+    batch = counts.shape[0]
+    rows = math.prod(shape)
+    if rows % batch:
+        return None  # no example-major row order to map onto: every row counts
+    per_example = jnp.mean(counts.reshape(batch, -1), axis=1)
+    return jnp.repeat(per_example, rows // batch)
+
+
+def position_weights(
+    loss: Loss, outputs: jax.Array, targets: Any, where: Any
+) -> jax.Array | None:
+    """The loss's ``kappa`` when anything masks or weights positions, else ``None``."""
+    if getattr(loss, "ignore_index", None) is not None and targets is None:
+        raise ValueError(
+            f"the loss declares ignore_index={loss.ignore_index}: pass targets=... so that the "
+            "ignored positions are known (or kfax would count them in the curvature)."
+        )
+    if where is None and targets is None:
+        return None
+    return loss.position_weights(jax.lax.stop_gradient(outputs), targets, where)
+
+
+def statistics_pass(
+    apply_fn: Callable[[Any, Any], jax.Array],
+    loss: Loss,
+    params: Any,
+    inputs: Any,
+    *,
+    kind: str,
+    samples: int = 1,
+    targets: Any = None,
+    where: Any = None,
+    key: jax.Array | None = None,
+    traced: _tracing.Trace | None = None,
+) -> Pass:
+    """One tapped forward pass and one pullback per output-cotangent column.
+
+    ``traced`` reuses an earlier trace of ``apply_fn`` at these shapes.
+    """
+    tapped = _capture.capture(apply_fn, params, inputs, param_gradients=False, traced=traced)
+    kappa = position_weights(loss, tapped.outputs, targets, where)
+    columns, scale = output_cotangents(
+        loss, kind, tapped.outputs, kappa, targets=targets, where=where, key=key, samples=samples
+    )
+    cotangents = jax.vmap(lambda u: tapped.pullback(u)[1])(columns)
+    batch = tapped.outputs.shape[0]
+    layers = {
+        site.name: LayerCapture(
+            tapped.layer_inputs[site.name],
+            cotangents[site.name],
+            scale,
+            row_weights(site, kappa),
+            batch,
+        )
+        for site in tapped.layers
+    }
+    return Pass(tapped.outputs, tapped.layers, layers)
+
+
+# ------------------------------------------------------------------------------ moments
+
+
+class InputMoments(NamedTuple):
+    """``E[h]``, ``Cov(h)`` over the rows that count, and how many rows counted."""
+
+    mean: jax.Array
+    covariance: jax.Array
+    count: jax.Array
+
+
+def statistics_dtype(dtype: Any) -> Any:
+    """Statistics accumulate in float32 or wider, whatever the activation dtype."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def input_moments(geometry: _layers.Geometry, capture: LayerCapture) -> InputMoments:
+    """Mean and covariance of the rows of ``h`` that count, centred in two passes.
+
+    Centring about the batch's own mean before the product keeps the covariance accurate in
+    float32 when the mean dwarfs the spread (inputs of mean 30 and spread 0.03).
+    """
+    rows = geometry.input_rows(capture.inputs)
+    rows = rows.astype(statistics_dtype(rows.dtype))
+    weights = capture.row_weights
+    if weights is None:
+        count = jnp.asarray(rows.shape[0], rows.dtype)
+        mean = jnp.mean(rows, axis=0)
+        centred = rows - mean
+        weighted = centred
+    else:
+        weights = weights.astype(rows.dtype)
+        count = jnp.sum(weights)
+        safe = jnp.maximum(count, 1e-30)
+        mean = jnp.matmul(weights, rows, precision=HIGHEST) / safe
+        centred = rows - mean
+        weighted = centred * weights[:, None]
+    covariance = jnp.matmul(weighted.T, centred, precision=HIGHEST) / jnp.maximum(count, 1e-30)
+    return InputMoments(mean, covariance, count)
+
+
+def output_moment(geometry: _layers.Geometry, capture: LayerCapture) -> jax.Array:
+    """``scale * sum over columns and rows of g g^T`` (K-FAC-expand)."""
+    rows = jax.vmap(geometry.output_rows)(capture.cotangents).reshape(-1, geometry.d_out)
+    rows = rows.astype(statistics_dtype(rows.dtype))
+    return jnp.matmul(rows.T, rows, precision=HIGHEST) * capture.scale.astype(rows.dtype)
+
+
+def layer_moments(
+    layers: tuple[_tracing.LayerSite, ...], captures: Mapping[str, LayerCapture]
+) -> dict[str, tuple[InputMoments, jax.Array]]:
+    """``{name: (input moments, output moment)}`` for every layer of a pass."""
+    return {
+        site.name: (
+            input_moments(site.geometry, captures[site.name]),
+            output_moment(site.geometry, captures[site.name]),
+        )
+        for site in layers
+    }
+
+
+# ------------------------------------------------------------------------------ sub-batches
+
+
+def _leading(x: Any) -> int | None:
+    shape = getattr(x, "shape", None)
+    return shape[0] if shape else None
+
+
+def take_sub_batch(tree: Any, size: int, batch: int, batch_axes: Any = None) -> Any:
+    """The first ``size`` examples of every batched leaf of ``tree``; other leaves unchanged.
+
+    ``batch_axes`` is ``None`` (a leaf is batched when its leading axis has the outputs' batch
+    size ``batch``: lookup tables, masks of another shape and PRNG keys are left whole) or a
+    pytree prefix of ``tree`` with ``0`` for batched leaves and ``None`` for the others, as in
+    ``jax.vmap``'s ``in_axes``.
+    """
+    if tree is None:
+        return None
+    if batch_axes is None:
+        return jax.tree.map(lambda x: x[:size] if _leading(x) == batch else x, tree)
+    axes = jax.tree.broadcast(batch_axes, tree, is_leaf=lambda a: a is None)
+    return jax.tree.map(
+        lambda axis, x: x if axis is None else x[:size], axes, tree, is_leaf=lambda a: a is None
+    )
+
+
+def check_batch_axes(batch_axes: Any, inputs: Any) -> None:
+    """``batch_axes`` must be a pytree prefix of the inputs holding only 0 and None."""
+    if batch_axes is None:
+        return
+    try:
+        axes = jax.tree.broadcast(batch_axes, inputs, is_leaf=lambda a: a is None)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"batch_axes must be a pytree prefix of the inputs (like jax.vmap's in_axes): {error}"
+        ) from None
+    for axis in jax.tree.leaves(axes, is_leaf=lambda a: a is None):
+        if axis not in (0, None):
+            raise ValueError(f"batch_axes entries must be 0 or None, got {axis!r}.")
