@@ -10,13 +10,15 @@ over ``alpha`` and ``mu``, where ``J`` is the model's Jacobian on the batch, ``H
 output curvature and ``grad_f L`` the gradient of kfax's own mean loss at the outputs: the model
 is that of the loss ``loss(apply_fn(params, inputs), targets, where)``, whatever the scale of the
 gradient the caller passes (a sum over the batch, a per-token mean). Every ``damping_every``
-steps the reduction ratio ``rho = (L(params + d) - L(params)) / q(d)`` moves ``lam`` by
+steps the reduction ratio ``rho = (L(params + d) - L(params)) / q_0(d)``, with ``q_0`` the
+undamped model (``lam = 0``; exactly the loss change on a quadratic objective), moves ``lam`` by
 Levenberg-Marquardt's rule. A step that is not finite is not stored: the previous update and the
 damping stay, and the step is counted.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, NamedTuple
 
@@ -39,7 +41,8 @@ class StepInfo(NamedTuple):
     Attributes:
       step_size: ``alpha`` (0 before the first step).
       momentum: ``mu`` (0 on the first step, when no previous update exists).
-      predicted_change: ``q(d)`` of the step taken (0 before the first step).
+      predicted_change: ``q_0(d) = <grad_f L, J d> + 1/2 <J d, H J d>``, the undamped model's
+        change for the step taken (0 before the first step).
       reduction_ratio: ``rho`` as last measured (1 before the first measurement).
       ratio_step: the step count at which ``rho`` was last measured (-1: never).
       damping: the damping ``lam`` the step used.
@@ -59,7 +62,7 @@ class StepInfo(NamedTuple):
 
 
 class QuadraticModelState(NamedTuple):
-    """State of :func:`quadratic_model_step`: the wrapped state, the previous update, the damping."""
+    """State of :func:`quadratic_model_step`: wrapped state, previous update, damping, info."""
 
     count: jax.Array
     inner: Any
@@ -69,7 +72,8 @@ class QuadraticModelState(NamedTuple):
 
 
 def _quadratic_terms(apply_fn, loss, params, inputs, targets, where, tangents, lam):
-    """Gradient terms ``b``, curvature matrix ``M`` (2x2) and the loss at ``params``."""
+    """Gradient terms ``b``, the 2x2 curvature ``<J t_i, H J t_j>``, the Gram matrix
+    ``<t_i, t_j>`` of the tangents, and the loss at ``params``."""
     outputs, jvps = jax.vmap(
         lambda t: jax.jvp(lambda p: apply_fn(p, inputs), (params,), (t,)), out_axes=(None, 0)
     )(tangents)
@@ -82,7 +86,7 @@ def _quadratic_terms(apply_fn, loss, params, inputs, targets, where, tangents, l
     b = jnp.einsum("k...,...->k", jvps, gradient)
     m = jnp.einsum("i...,j...->ij", jvps, curvature)
     norms = jax.vmap(lambda s: jax.vmap(lambda t: _trees.vdot(s, t))(tangents))(tangents)
-    return b, m + lam * norms, loss(outputs, targets, where)
+    return b, m, norms, loss(outputs, targets, where)
 
 
 def _solve(b: jax.Array, m: jax.Array, has_previous: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -105,6 +109,67 @@ def _warn_gradient_scale(scale) -> None:
         "if that factor is only a scale (a sum over the batch, a per-token mean) or a "
         "regulariser you add; otherwise check that loss, targets and where match your loss.",
         stacklevel=2,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, rule):
+    """One step of :func:`quadratic_model_step` (compiled once per wrapped preconditioner)."""
+    preconditioner, apply_fn, loss, adaptive_damping = static
+    damping_every, min_damping, max_damping = rule
+    lam = state.damping
+    direction, inner = preconditioner.update(
+        grads,
+        state.inner,
+        params,
+        inputs=inputs,
+        targets=targets,
+        where=where,
+        damping=lam,
+        **extra,
+    )
+    delta = jax.tree.map(jnp.negative, direction)
+    previous = state.previous_update
+    tangents = jax.tree.map(lambda a, b: jnp.stack([a, b.astype(a.dtype)]), delta, previous)
+    b, m, norms, before = _quadratic_terms(
+        apply_fn, loss, params, inputs, targets, where, tangents, lam
+    )
+    alpha, mu = _solve(b, m + lam * norms, state.count > 0)
+    step = jax.tree.map(lambda d, p: (alpha * d + mu * p).astype(d.dtype), delta, previous)
+    x = jnp.stack([alpha, mu])
+    predicted = b @ x + 0.5 * x @ m @ x  # the undamped model: rho compares the loss with it
+    scale = _trees.vdot(grads, delta) / jnp.where(b[0] != 0, b[0], 1.0)
+    jax.lax.cond(
+        jnp.abs(scale - 1) > _SCALE_TOLERANCE,
+        lambda: jax.debug.callback(_warn_gradient_scale, scale),
+        lambda: None,
+    )
+
+    def ratio():
+        new = optax.apply_updates(params, step)
+        after = loss(apply_fn(new, inputs).astype(before.dtype), targets, where)
+        return (after - before) / jnp.minimum(predicted, -jnp.finfo(before.dtype).tiny)
+
+    measure = adaptive_damping & (state.count % damping_every == 0)
+    rho = jax.lax.cond(measure, ratio, lambda: state.info.reduction_ratio)
+    omega = jnp.asarray(_OMEGA, lam.dtype) ** damping_every
+    moved = jnp.where(
+        rho > _LOWER_ABOVE, lam * omega, jnp.where(rho < _RAISE_BELOW, lam / omega, lam)
+    )
+    ok = _trees.all_finite((alpha, mu, step, predicted))
+    measured = measure & ok & jnp.isfinite(rho)
+    new_lam = jnp.where(measured, jnp.clip(moved, min_damping, max_damping), lam)
+    info = StepInfo(
+        *(jnp.where(ok, v, 0.0).astype(lam.dtype) for v in (alpha, mu, predicted)),
+        jnp.where(measured, rho, state.info.reduction_ratio).astype(lam.dtype),
+        jnp.where(measured, state.count, state.info.ratio_step),
+        lam,
+        jnp.where(jnp.isfinite(scale), scale, 0.0).astype(lam.dtype),
+        state.info.skipped_steps + (~ok).astype(jnp.int32),
+    )
+    stored = jax.tree.map(lambda s, p: jnp.where(ok, s, p), step, previous)
+    return step, QuadraticModelState(
+        state.count + 1, inner, stored, new_lam.astype(lam.dtype), info
     )
 
 
@@ -153,11 +218,22 @@ def quadratic_model_step(
     def init_fn(params):
         dtype = jnp.promote_types(optax.tree.dtype(params, "highest"), jnp.float32)
         zero, lam = jnp.zeros((), dtype), jnp.asarray(damping, dtype)
-        info = StepInfo(zero, zero, zero, jnp.ones((), dtype), jnp.asarray(-1, jnp.int32), lam,
-                        zero, jnp.zeros((), jnp.int32))
+        info = StepInfo(
+            zero,
+            zero,
+            zero,
+            jnp.ones((), dtype),
+            jnp.asarray(-1, jnp.int32),
+            lam,
+            zero,
+            jnp.zeros((), jnp.int32),
+        )
         return QuadraticModelState(
-            jnp.zeros((), jnp.int32), preconditioner.init(params),
-            optax.tree.zeros_like(params), lam, info,
+            jnp.zeros((), jnp.int32),
+            preconditioner.init(params),
+            optax.tree.zeros_like(params),
+            lam,
+            info,
         )
 
     def update_fn(grads, state, params=None, *, inputs=None, targets=None, where=None, **extra):
@@ -166,46 +242,17 @@ def quadratic_model_step(
                 "the adaptive step (kfax.kfac(None, ...) / quadratic_model_step) needs params, "
                 "inputs=... and targets=... in update: it evaluates the loss on the batch."
             )
-        lam = state.damping
-        direction, inner = preconditioner.update(
-            grads, state.inner, params, inputs=inputs, targets=targets, where=where,
-            damping=lam, **extra,
+        rule = (damping_every, min_damping, max_damping)
+        return _adaptive_step(
+            (preconditioner, apply_fn, loss, adaptive_damping),
+            grads,
+            state,
+            params,
+            inputs,
+            targets,
+            where,
+            extra,
+            rule,
         )
-        delta = jax.tree.map(jnp.negative, direction)
-        previous = state.previous_update
-        tangents = jax.tree.map(lambda a, b: jnp.stack([a, b.astype(a.dtype)]), delta, previous)
-        b, m, before = _quadratic_terms(apply_fn, loss, params, inputs, targets, where,
-                                        tangents, lam)
-        alpha, mu = _solve(b, m, state.count > 0)
-        step = jax.tree.map(lambda d, p: (alpha * d + mu * p).astype(d.dtype), delta, previous)
-        predicted = 0.5 * (alpha * b[0] + mu * b[1])
-        scale = _trees.vdot(grads, delta) / jnp.where(b[0] != 0, b[0], 1.0)
-        jax.lax.cond(jnp.abs(scale - 1) > _SCALE_TOLERANCE,
-                     lambda: jax.debug.callback(_warn_gradient_scale, scale), lambda: None)
-
-        def ratio():
-            new = optax.apply_updates(params, step)
-            after = loss(apply_fn(new, inputs).astype(before.dtype), targets, where)
-            return (after - before) / jnp.minimum(predicted, -jnp.finfo(before.dtype).tiny)
-
-        measure = adaptive_damping & (state.count % damping_every == 0)
-        rho = jax.lax.cond(measure, ratio, lambda: state.info.reduction_ratio)
-        omega = jnp.asarray(_OMEGA, lam.dtype) ** damping_every
-        moved = jnp.where(rho > _LOWER_ABOVE, lam * omega, jnp.where(rho < _RAISE_BELOW, lam / omega, lam))
-        ok = _trees.all_finite((alpha, mu, step, predicted))
-        measured = measure & ok & jnp.isfinite(rho)
-        new_lam = jnp.where(measured, jnp.clip(moved, min_damping, max_damping), lam)
-        info = StepInfo(
-            *(jnp.where(ok, v, 0.0).astype(lam.dtype) for v in (alpha, mu, predicted)),
-            jnp.where(measured, rho, state.info.reduction_ratio).astype(lam.dtype),
-            jnp.where(measured, state.count, state.info.ratio_step),
-            lam,
-            jnp.where(jnp.isfinite(scale), scale, 0.0).astype(lam.dtype),
-            state.info.skipped_steps + (~ok).astype(jnp.int32),
-        )
-        stored = jax.tree.map(lambda s, p: jnp.where(ok, s, p), step, previous)
-        new_state = QuadraticModelState(state.count + 1, inner, stored, new_lam.astype(lam.dtype),
-                                        info)
-        return step, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

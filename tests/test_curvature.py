@@ -55,7 +55,7 @@ def test_factors_equal_per_example_jacobian_references(x64, kind, loss_name):
     outputs = apply_fn(params, inputs)
     targets = loss.sample(jax.random.key(9), outputs)
     key = jax.random.key(4)
-    fn = jax.jit(kfax.kronecker_factors(apply_fn, loss, kind=kind, samples=3))
+    fn = jax.jit(kfax.kronecker_factors(apply_fn, loss, kind=kind, samples=3, centering="none"))
     factors = fn(params, inputs, targets=targets, key=key)
     for i in range(3):
         a_ref, b_ref = reference_factors(
@@ -84,7 +84,9 @@ def test_monte_carlo_factors_converge_to_exact_at_the_square_root_rate(x64):
 def test_single_dense_layer_with_squared_error_is_exactly_kronecker(x64):
     params, apply_fn, inputs, _ = models.mlp(sizes=(4, 3), batch=9)
     loss = LOSSES["squared"]
-    factors = kfax.kronecker_factors(apply_fn, loss, kind="exact")(params, inputs)["dense_0"]
+    factors = kfax.kronecker_factors(apply_fn, loss, kind="exact", centering="none")(
+        params, inputs
+    )["dense_0"]
     block = kfax.exact.layer_block(apply_fn, loss, params, inputs, "dense_0", kind="exact")
     np.testing.assert_allclose(jnp.kron(factors.a, factors.b), block, atol=1e-12)
 
@@ -93,7 +95,9 @@ def test_softmax_output_differs_from_kronecker_by_the_covariance_residual(x64):
     """G - A (x) B = E[(hom - E hom) (x) (J^T D J - E J^T D J)] (seed 000), and is not zero."""
     params, apply_fn, inputs, values = models.mlp(sizes=(4, 3), batch=9)
     loss = LOSSES["softmax"]
-    factors = kfax.kronecker_factors(apply_fn, loss, kind="exact")(params, inputs)["dense_0"]
+    factors = kfax.kronecker_factors(apply_fn, loss, kind="exact", centering="none")(
+        params, inputs
+    )["dense_0"]
     block = kfax.exact.layer_block(apply_fn, loss, params, inputs, "dense_0", kind="exact")
     outputs = apply_fn(params, inputs)
     h, _, _ = values(params, inputs, 0)
@@ -108,7 +112,7 @@ def test_softmax_output_differs_from_kronecker_by_the_covariance_residual(x64):
 def test_deep_linear_network_with_gaussian_output_has_no_kronecker_residual(x64):
     params, apply_fn, inputs, _ = models.deep_linear(width=3, depth=3, batch=8)
     loss = kfax.losses.SquaredError()
-    factors = kfax.kronecker_factors(apply_fn, loss, kind="exact")(params, inputs)
+    factors = kfax.kronecker_factors(apply_fn, loss, kind="exact", centering="none")(params, inputs)
     for name, f in factors.items():
         block = kfax.exact.layer_block(apply_fn, loss, params, inputs, name, kind="exact")
         np.testing.assert_allclose(jnp.kron(f.a, f.b), block, atol=1e-12)
@@ -124,16 +128,16 @@ def test_convolution_with_one_output_location_is_a_dense_layer(x64):
     x = jax.random.normal(jax.random.key(0), (6, 3, 3, 2))
     params = model.init(jax.random.key(1), x)["params"]
     loss = LOSSES["softmax"]
-    conv = kfax.kronecker_factors(lambda p, z: model.apply({"params": p}, z), loss, kind="exact")(
-        params, x
-    )["Conv_0"]
+    conv = kfax.kronecker_factors(
+        lambda p, z: model.apply({"params": p}, z), loss, kind="exact", centering="none"
+    )(params, x)["Conv_0"]
     # The same layer written densely, on inputs flattened in patch order (channel, row, column).
     flat = jnp.transpose(x, (0, 3, 1, 2)).reshape(6, -1)
     kernel = jnp.transpose(params["Conv_0"]["kernel"], (2, 0, 1, 3)).reshape(18, 3)
     dense_params = {"kernel": kernel, "bias": params["Conv_0"]["bias"]}
-    dense = kfax.kronecker_factors(lambda p, z: z @ p["kernel"] + p["bias"], loss, kind="exact")(
-        dense_params, flat
-    )["kernel"]
+    dense = kfax.kronecker_factors(
+        lambda p, z: z @ p["kernel"] + p["bias"], loss, kind="exact", centering="none"
+    )(dense_params, flat)["kernel"]
     np.testing.assert_allclose(conv.a, dense.a, atol=1e-12)
     np.testing.assert_allclose(conv.b, dense.b, atol=1e-12)
     block = kfax.exact.layer_block(
@@ -152,8 +156,8 @@ def test_linen_and_nnx_models_give_the_factors_of_the_same_pure_jax_model(x64):
     pure = {f"dense_{i}": params[f"Dense_{i}"] for i in range(2)}
     _, pure_apply, _, _ = models.mlp(sizes=(4, 5, 3))
     loss = LOSSES["softmax"]
-    linen = kfax.kronecker_factors(apply_fn, loss, kind="exact")(params, inputs)
-    ref = kfax.kronecker_factors(pure_apply, loss, kind="exact")(pure, inputs)
+    linen = kfax.kronecker_factors(apply_fn, loss, kind="exact", centering="none")(params, inputs)
+    ref = kfax.kronecker_factors(pure_apply, loss, kind="exact", centering="none")(pure, inputs)
     for i in range(2):
         np.testing.assert_allclose(linen[f"Dense_{i}"].b, ref[f"dense_{i}"].b, atol=1e-12)
         np.testing.assert_allclose(linen[f"Dense_{i}"].a, ref[f"dense_{i}"].a, atol=1e-12)
@@ -162,14 +166,14 @@ def test_linen_and_nnx_models_give_the_factors_of_the_same_pure_jax_model(x64):
 def test_centered_factor_is_the_covariance_and_no_bias_means_raw_second_moment(x64):
     params, apply_fn, inputs, _ = models.mlp(sizes=(4, 3))
     loss = LOSSES["squared"]
-    hom = kfax.kronecker_factors(apply_fn, loss, kind="exact")(params, inputs)["dense_0"]
-    cen = kfax.kronecker_factors(apply_fn, loss, kind="exact", centered=True)(params, inputs)[
+    hom = kfax.kronecker_factors(apply_fn, loss, kind="exact", centering="none")(params, inputs)[
         "dense_0"
     ]
+    cen = kfax.kronecker_factors(apply_fn, loss, kind="exact")(params, inputs)["dense_0"]
     np.testing.assert_allclose(cen.a, jnp.cov(inputs.T, bias=True), atol=1e-12)
     np.testing.assert_allclose(hom.a[:-1, :-1], inputs.T @ inputs / inputs.shape[0], atol=1e-12)
     nobias, f, x, _ = models.mlp(sizes=(4, 3), bias=False)
-    raw = kfax.kronecker_factors(f, loss, kind="exact", centered=True)(nobias, x)["dense_0"]
+    raw = kfax.kronecker_factors(f, loss, kind="exact")(nobias, x)["dense_0"]
     np.testing.assert_allclose(raw.a, x.T @ x / x.shape[0], atol=1e-12)
 
 
@@ -178,7 +182,7 @@ def test_sequence_positions_follow_kfac_expand(x64):
     params, apply_fn, _, _ = models.mlp(sizes=(4, 3))
     x = jax.random.normal(jax.random.key(2), (5, 6, 4))
     loss = LOSSES["squared"]
-    f = kfax.kronecker_factors(apply_fn, loss, kind="exact")(params, x)["dense_0"]
+    f = kfax.kronecker_factors(apply_fn, loss, kind="exact", centering="none")(params, x)["dense_0"]
     rows = x.reshape(-1, 4)
     np.testing.assert_allclose(f.a[:-1, :-1], rows.T @ rows / 30, atol=1e-12)
     # Linear layer + Gaussian output: g per position is S e_c, so B = positions * I / variance.

@@ -35,12 +35,16 @@ def eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def rotate(basis: EigenBasis, matrix: jax.Array) -> jax.Array:
     """``Q_A^T M Q_B``."""
-    return jnp.matmul(jnp.matmul(basis.q_a.T, matrix, precision=HIGHEST), basis.q_b, precision=HIGHEST)
+    return jnp.matmul(
+        jnp.matmul(basis.q_a.T, matrix, precision=HIGHEST), basis.q_b, precision=HIGHEST
+    )
 
 
 def rotate_back(basis: EigenBasis, matrix: jax.Array) -> jax.Array:
     """``Q_A M Q_B^T``."""
-    return jnp.matmul(jnp.matmul(basis.q_a, matrix, precision=HIGHEST), basis.q_b.T, precision=HIGHEST)
+    return jnp.matmul(
+        jnp.matmul(basis.q_a, matrix, precision=HIGHEST), basis.q_b.T, precision=HIGHEST
+    )
 
 
 class EigenBlock(KroneckerBlock):
@@ -70,3 +74,10 @@ class EigenBlock(KroneckerBlock):
     def solve_output(self, factors, vector, damping):
         rotated = jnp.matmul(vector, factors.q_b, precision=HIGHEST) / (factors.s_b + damping)
         return jnp.matmul(rotated, factors.q_b.T, precision=HIGHEST)
+
+    def dense_core(self, factors, damping):
+        q = jnp.kron(factors.q_a, factors.q_b)
+        return (q * (self.eigenvalues(factors) + damping).reshape(-1)) @ q.T
+
+    def dense_output(self, factors, damping):
+        return (factors.q_b * (factors.s_b + damping)) @ factors.q_b.T

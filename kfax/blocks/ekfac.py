@@ -62,9 +62,7 @@ class EKFACBlock(EigenBlock):
 
     def identity_factors(self, input_size: int, output_size: int, dtype: Any) -> EKFACBasis:
         basis = super().identity_factors(input_size, output_size, dtype)
-        return EKFACBasis(
-            *basis, jnp.zeros((input_size, output_size), dtype), jnp.zeros((), dtype)
-        )
+        return EKFACBasis(*basis, jnp.zeros((input_size, output_size), dtype), jnp.zeros((), dtype))
 
     def refresh_factors(self, a, b, damping) -> EKFACBasis:
         del damping
@@ -92,14 +90,13 @@ class EKFACBlock(EigenBlock):
     ) -> KroneckerCurvature:
         basis: EKFACBasis = curvature.factors
         dtype = basis.q_a.dtype
-        h = jnp.matmul(self.layer_rows(curvature, capture).astype(dtype), basis.q_a, precision=HIGHEST)
+        h = jnp.matmul(
+            self.layer_rows(curvature, capture).astype(dtype), basis.q_a, precision=HIGHEST
+        )
         g = jax.vmap(self.site.geometry.output_rows)(capture.cotangents).astype(dtype)
         g = jnp.matmul(g, basis.q_b, precision=HIGHEST)
         g = g.reshape(g.shape[0], capture.batch, -1, g.shape[-1])
         fresh = per_example_squares(h, g, capture.scale.astype(dtype))
         beta, weight = moving_average_step(basis.scalings_weight, decay)
         scalings = basis.scalings + beta * (fresh - basis.scalings)
-        return curvature._replace(
-            factors=basis._replace(scalings=scalings, scalings_weight=weight)
-        )
-
+        return curvature._replace(factors=basis._replace(scalings=scalings, scalings_weight=weight))

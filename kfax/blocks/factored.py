@@ -1,4 +1,4 @@
-"""Kronecker block with factored (pi) Tikhonov damping and explicit inverses (Martens & Grosse 2015).
+"""Kronecker block with factored (pi) Tikhonov damping and explicit inverses (Martens & Grosse).
 
 ``(A + pi sqrt(lam) I)^{-1} M (B + sqrt(lam) / pi I)^{-1}`` with
 ``pi = sqrt((tr A / d_A) / (tr B / d_B))``, where ``tr A / d_A`` counts the bias coordinate of
@@ -55,3 +55,11 @@ class FactoredBlock(KroneckerBlock):
     def solve_output(self, factors: FactoredInverse, vector, damping):
         del damping
         return jnp.matmul(vector, factors.b_inverse, precision=HIGHEST)
+
+    def dense_core(self, factors: FactoredInverse, damping):
+        del damping
+        return jnp.kron(jnp.linalg.inv(factors.a_inverse), jnp.linalg.inv(factors.b_inverse))
+
+    def dense_output(self, factors: FactoredInverse, damping):
+        del damping
+        return jnp.linalg.inv(factors.b_inverse)

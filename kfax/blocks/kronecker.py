@@ -232,6 +232,29 @@ class KroneckerBlock:
             delta_b = delta_b - jnp.matmul(delta.T, mean, precision=HIGHEST)
         return LayerGradient(delta, delta_b)
 
+    def dense(self, curvature: KroneckerCurvature, damping: jax.Array) -> jax.Array:
+        """The damped curvature this block inverts, as a dense matrix (for tests, diagnostics).
+
+        Coordinates are the layer's parameters in K-FAC order: ``vec`` of the ``(d_in, d_out)``
+        weight matrix (row-major), then the bias. ``precondition`` applies this matrix's inverse.
+        Centred blocks invert ``(L (x) I) blockdiag(core, B_d) (L (x) I)^T`` with
+        ``L = [[I, m], [0, 1]]`` (``"exact"``), or ``(L (x) I) blockdiag(core, B_d)``
+        (``"simple"``), where ``core`` acts on the centred weight and ``B_d`` on the bias.
+        """
+        damping = jnp.asarray(damping, curvature.mean.dtype)
+        core = self.dense_core(curvature.factors, damping)
+        if not self.centred:
+            return core
+        output = self.dense_output(curvature.factors, damping)
+        d_in, d_out = self.site.geometry.d_in, self.output_size
+        zeros = jnp.zeros((core.shape[0], d_out), core.dtype)
+        full = jnp.block([[core, zeros], [zeros.T, output]])
+        lower = jnp.eye(d_in + 1, dtype=core.dtype).at[:d_in, d_in].set(curvature.mean)
+        transform = jnp.kron(lower, jnp.eye(d_out, dtype=core.dtype))
+        if self.centering == "simple":
+            return transform @ full
+        return transform @ full @ transform.T
+
     # ---------------------------------------------------------------- for subclasses
 
     def identity_factors(self, input_size: int, output_size: int, dtype: Any) -> Any:
@@ -244,4 +267,12 @@ class KroneckerBlock:
         raise NotImplementedError
 
     def solve_output(self, factors: Any, vector: jax.Array, damping: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def dense_core(self, factors: Any, damping: jax.Array) -> jax.Array:
+        """The matrix ``apply`` inverts, over ``vec`` of an ``(input_size, d_out)`` matrix."""
+        raise NotImplementedError
+
+    def dense_output(self, factors: Any, damping: jax.Array) -> jax.Array:
+        """The matrix ``solve_output`` inverts, ``(d_out, d_out)``."""
         raise NotImplementedError

@@ -1,0 +1,188 @@
+"""The quadratic-model step and Levenberg-Marquardt damping (kfax.quadratic_model_step, kfac(None)).
+
+References are dense float64 computations in this file: the Gauss-Newton matrix from
+``jax.jacfwd`` of the model, losses written out by hand.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import kfax
+from tests import models
+
+EXACT = dict(kind="exact", ema_decay=0.0, inverse_every=1)
+
+
+def linear_problem(batch=16, key=1):
+    params, apply_fn, inputs, _ = models.mlp(sizes=(3, 2), batch=batch)
+    targets = jax.random.normal(jax.random.key(key), (batch, 2))
+    return params, apply_fn, inputs, targets
+
+
+def gauss_newton(apply_fn, params, inputs, variance=1.0):
+    flat, unravel = ravel_pytree(params)
+    jac = jax.jacfwd(lambda p: apply_fn(unravel(p), inputs).ravel())(flat)
+    return jac.T @ jac / (variance * inputs.shape[0])
+
+
+def test_step_size_and_momentum_solve_the_two_by_two_quadratic_model(x64):
+    """At d = alpha Delta + mu d_prev, grad q(d) of the damped model is orthogonal to Delta and
+    d_prev, and the predicted change is the undamped model's g.d + d^T G d / 2 (linear model
+    and squared error: the Gauss-Newton matrix G is exact)."""
+    params, apply_fn, inputs, targets = linear_problem()
+    loss = kfax.losses.SquaredError()
+    lam = 0.05
+    opt = kfax.kfac(
+        None, apply_fn, loss, example_inputs=inputs, damping=lam, adaptive_damping=False, **EXACT
+    )
+    state = opt.init(params)
+    for step in range(3):
+        grads = jax.grad(lambda p: loss(apply_fn(p, inputs), targets))(params)
+        previous = state.previous_update
+        updates, state = opt.update(grads, state, params, inputs=inputs, targets=targets)
+        info = state.info
+        g, d, prev = (ravel_pytree(t)[0] for t in (grads, updates, previous))
+        gn = gauss_newton(apply_fn, params, inputs)
+        residual = g + (gn + lam * jnp.eye(g.size)) @ d
+        delta = (d - info.momentum * prev) / info.step_size
+        np.testing.assert_allclose(delta @ residual, 0.0, atol=1e-10)
+        if step == 0:
+            assert float(info.momentum) == 0.0
+        else:
+            np.testing.assert_allclose(prev @ residual, 0.0, atol=1e-10)
+            assert abs(float(info.momentum)) > 1e-6
+        np.testing.assert_allclose(
+            info.predicted_change, g @ d + 0.5 * d @ gn @ d, rtol=1e-9
+        )
+        params = optax.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize("stats_batch_size", [None, 8, 4])
+def test_reduction_ratio_is_one_on_an_exactly_quadratic_objective(x64, stats_batch_size):
+    """Linear model, squared error: the loss is its own quadratic model, so rho = 1 whatever
+    the statistics sub-batch (issue: -0.50 and -0.60 with 8 and 4 of 16 examples)."""
+    params, apply_fn, inputs, targets = linear_problem()
+    loss = kfax.losses.SquaredError()
+    opt = kfax.kfac(
+        None,
+        apply_fn,
+        loss,
+        example_inputs=inputs,
+        damping=1e-3,
+        kind="exact",
+        stats_batch_size=stats_batch_size,
+        damping_every=1,
+    )
+    state = opt.init(params)
+    for step in range(3):
+        grads = jax.grad(lambda p: loss(apply_fn(p, inputs), targets))(params)
+        updates, state = opt.update(grads, state, params, inputs=inputs, targets=targets)
+        assert int(state.info.ratio_step) == step
+        np.testing.assert_allclose(state.info.reduction_ratio, 1.0, rtol=1e-8)
+        params = optax.apply_updates(params, updates)
+    assert float(state.damping) < 1e-3  # rho > 3/4 lowers the damping
+
+
+def test_a_gradient_of_another_scale_gives_the_same_steps_and_is_reported():
+    """Fed the gradient of the *sum* over the batch (32x the mean's), the adaptive mode takes
+    the steps of the mean's gradient (its quadratic model uses kfax's own loss), reports the
+    factor in StepInfo.gradient_scale, and warns (issue: it diverged, 1.5 -> 181)."""
+    params, apply_fn, inputs, _ = models.mlp(sizes=(4, 8, 3), batch=32)
+    targets = jnp.arange(32) % 3
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    runs = {}
+    for factor in (1.0, 32.0):
+        opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs)
+        p, state = params, opt.init(params)
+        step = jax.jit(
+            lambda p, s, f=factor, o=opt: _scaled_step(o, loss, apply_fn, p, s, inputs, targets, f)
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(8):
+                p, state = step(p, state)
+            jax.effects_barrier()
+        runs[factor] = (p, state, caught)
+    (p1, s1, w1), (p32, s32, w32) = runs[1.0], runs[32.0]
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p32), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+    np.testing.assert_allclose(s32.info.gradient_scale, 32.0, rtol=1e-3)
+    np.testing.assert_allclose(s1.info.gradient_scale, 1.0, rtol=1e-3)
+    assert any("not the gradient of kfax's" in str(w.message) for w in w32)
+    assert not any("not the gradient of kfax's" in str(w.message) for w in w1)
+    assert float(loss(apply_fn(p32, inputs), targets)) < 0.5 * float(
+        loss(apply_fn(params, inputs), targets)
+    )
+
+
+def _scaled_step(opt, loss, apply_fn, params, state, inputs, targets, factor):
+    grads = jax.grad(lambda p: loss(apply_fn(p, inputs), targets))(params)
+    grads = jax.tree.map(lambda g: factor * g, grads)
+    updates, state = opt.update(grads, state, params, inputs=inputs, targets=targets)
+    return optax.apply_updates(params, updates), state
+
+
+def test_one_non_finite_batch_leaves_every_part_of_the_state_finite():
+    """Statistics of a NaN batch are skipped and counted; the step it produced is not stored;
+    once the user drops that step, training continues with finite updates (issue: every later
+    update was NaN)."""
+    params, apply_fn, inputs, _ = models.mlp(sizes=(4, 8, 3), batch=16)
+    targets = jnp.arange(16) % 3
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs)
+
+    @jax.jit
+    def step(p, s, x):
+        grads = jax.grad(lambda q: loss(apply_fn(q, x), targets))(p)
+        updates, s = opt.update(grads, s, p, inputs=x, targets=targets)
+        return updates, s
+
+    state = opt.init(params)
+    for _ in range(3):
+        updates, state = step(params, state, inputs)
+        params = optax.apply_updates(params, updates)
+    bad, state = step(params, state, inputs.at[0, 0].set(jnp.nan))
+    assert not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(bad))
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state))
+    assert int(state.info.skipped_steps) == 1
+    assert all(int(h.skipped) == 1 for h in state.inner.health.values())
+    for _ in range(3):  # the bad update was thrown away: params unchanged by it
+        updates, state = step(params, state, inputs)
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+        params = optax.apply_updates(params, updates)
+
+
+def test_step_info_has_documented_values_before_anything_is_measured():
+    params, apply_fn, inputs, targets = linear_problem()
+    opt = kfax.kfac(None, apply_fn, kfax.losses.SquaredError(), example_inputs=inputs, damping=0.5)
+    info = opt.init(params).info
+    assert float(info.reduction_ratio) == 1.0 and int(info.ratio_step) == -1
+    assert float(info.step_size) == 0.0 and float(info.momentum) == 0.0
+    assert float(info.damping) == 0.5 and int(info.skipped_steps) == 0
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(info))
+
+
+def test_damping_moves_only_on_measurement_steps_by_the_levenberg_marquardt_factor(x64):
+    params, apply_fn, inputs, targets = linear_problem()
+    loss = kfax.losses.SquaredError()
+    opt = kfax.kfac(
+        None, apply_fn, loss, example_inputs=inputs, damping=1e-2, damping_every=3, **EXACT
+    )
+    state = opt.init(params)
+    lam = 1e-2
+    for step in range(7):
+        grads = jax.grad(lambda p: loss(apply_fn(p, inputs), targets))(params)
+        updates, state = opt.update(grads, state, params, inputs=inputs, targets=targets)
+        if step % 3 == 0:
+            assert int(state.info.ratio_step) == step
+            rho = float(state.info.reduction_ratio)
+            factor = (19 / 20) ** 3
+            lam = lam * factor if rho > 0.75 else lam / factor if rho < 0.25 else lam
+        np.testing.assert_allclose(state.damping, lam, rtol=1e-12)
+        params = optax.apply_updates(params, updates)
