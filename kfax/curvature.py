@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from kfax import _validation, statistics
+from kfax import _capture, _validation, statistics
 from kfax.blocks.kronecker import CENTERINGS, input_factor
 from kfax.losses import Loss, check_loss
 
@@ -97,9 +97,17 @@ def kronecker_factors(
             )
         if kind == "empirical" and targets is None:
             raise ValueError("kind='empirical' needs the data targets: pass targets=...")
+        statistics.check_targets(loss, _capture.trace_layers(apply_fn, params, inputs), targets)
         batch = statistics.statistics_pass(
-            apply_fn, loss, params, inputs, kind=kind, samples=samples, targets=targets,
-            where=where, key=key,
+            apply_fn,
+            loss,
+            params,
+            inputs,
+            kind=kind,
+            samples=samples,
+            targets=targets,
+            where=where,
+            key=key,
         )
         factors = {}
         for site in batch.sites:
@@ -114,4 +122,3 @@ def kronecker_factors(
         return factors
 
     return factors_fn
-

@@ -2,10 +2,10 @@
 
 Turns ``(apply_fn, params, inputs)``, a loss and a curvature kind into, per layer, what every
 consumer of curvature statistics needs: the layer input, the cotangents of the layer output
-pulled back from the output cotangents the kind prescribes, which rows count (masked positions do
-not), and the Kronecker moments ``E[h]``, ``Cov(h)`` and ``E[g g^T]``. :func:`kfax.kronecker_factors`,
-the optimiser's curvature blocks, EKFAC's scalings and the benchmarks all call this module; it
-knows nothing of optimiser state.
+pulled back from the output cotangents the kind prescribes, which rows count (masked positions
+do not), and the Kronecker moments ``E[h]``, ``Cov(h)`` and ``E[g g^T]``.
+:func:`kfax.kronecker_factors`, the optimiser's curvature blocks, EKFAC's scalings and the
+benchmarks all call this module; it knows nothing of optimiser state.
 
 Conventions (``docs/math.md``): with ``N`` examples, ``kappa`` the loss's position weights and
 ``K-FAC-expand`` over shared positions,
@@ -148,9 +148,16 @@ def row_weights(site: _tracing.LayerSite, kappa: jax.Array | None) -> jax.Array 
     return jnp.repeat(per_example, rows // batch)
 
 
-def position_weights(
-    loss: Loss, outputs: jax.Array, targets: Any, where: Any
-) -> jax.Array | None:
+def check_targets(loss: Loss, traced: _tracing.Trace, targets: Any) -> None:
+    """Validate ``targets`` against the model's outputs (shapes always; label values when they
+    are concrete, i.e. outside ``jit``), even where the curvature kind does not use them."""
+    if targets is None:
+        return
+    shape, dtype = traced.output_avals[0]
+    loss.check_targets(jnp.zeros(shape, dtype), targets)
+
+
+def position_weights(loss: Loss, outputs: jax.Array, targets: Any, where: Any) -> jax.Array | None:
     """The loss's ``kappa`` when anything masks or weights positions, else ``None``."""
     if getattr(loss, "ignore_index", None) is not None and targets is None:
         raise ValueError(

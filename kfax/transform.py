@@ -149,6 +149,7 @@ def scale_by_kfac(
                 "like a batch of inputs, any batch size) when it is built: optax's init(params) "
                 "sees no inputs, and kfax finds the layers by tracing apply_fn on them."
             )
+        _check_not_masked(params)
         statistics.check_batch_axes(batch_axes, example_inputs)
         layers = plan(params, example_inputs)
         layers.warn_about_suspect_biases(warnings.warn)
@@ -168,8 +169,10 @@ def scale_by_kfac(
         updates, state, params=None, *, inputs=None, targets=None, where=None, damping=None, **extra
     ):
         del extra
+        _check_not_masked(params)
         _check_update_arguments(params, inputs, targets, kind)
         _check_same_structure(updates, params)
+        statistics.check_targets(loss, _capture.trace_layers(apply_fn, params, inputs), targets)
         if stats_batch_size is not None:
             inputs, targets, where = _sub_batch(
                 apply_fn, params, inputs, targets, where, stats_batch_size, batch_axes
@@ -184,6 +187,21 @@ def scale_by_kfac(
     options_damping = damping
     cadence = (ema_decay, stats_every, inverse_every)
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_not_masked(params) -> None:
+    """optax.masked / partition / multi_transform hide the other groups' parameters, which the
+    model needs: say how to combine kfax with other optimisers instead."""
+    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    if any(is_masked(x) for x in jax.tree.leaves(params, is_leaf=is_masked)):
+        raise ValueError(
+            "kfax received parameters with masked entries (optax.masked, optax.partition or "
+            "optax.multi_transform around kfax hide the other groups' parameters, and kfax needs "
+            "all of them to run apply_fn). Put kfax outside: choose its layers with block= "
+            "(e.g. block={'embed*': None}) and give the rest an optax transform with "
+            "unmatched= (e.g. unmatched=optax.scale_by_adam()), or chain "
+            "kfax.scale_by_kfac(...) first and optax.partition(...) after it."
+        )
 
 
 def _check_update_arguments(params, inputs, targets, kind) -> None:

@@ -138,7 +138,7 @@ def kfax_state(opt_state) -> kfax.KFACState:
 CHECKPOINTED = {
     "kfac": dict(learning_rate=0.5),
     "adaptive": dict(learning_rate=None),
-    "ekfac-adam": dict(learning_rate=0.5, eigen_correction=True, unmatched="adam"),
+    "ekfac-adam": dict(learning_rate=0.5, block="ekfac", unmatched=optax.scale_by_adam()),
 }
 
 
@@ -204,9 +204,82 @@ def test_optimizer_state_holds_only_arrays():
     for learning_rate, options in [
         (0.5, {}),
         (None, {}),
-        (0.5, {"damping_method": "eigen", "eigen_correction": True, "unmatched": "adam"}),
+        (0.5, {"block": "ekfac", "unmatched": optax.scale_by_adam()}),
     ]:
         state = kfax.kfac(learning_rate, apply_fn, LOSS, example_inputs=x, **options).init(params)
         leaves = jax.tree_util.tree_leaves(state)
         assert leaves
         assert all(isinstance(leaf, jax.Array) for leaf in leaves), {type(v) for v in leaves}
+
+
+# ---------------------------------------------------------------- other optimisers beside kfax
+
+
+def _two_groups():
+    x, y = blobs()
+    params, apply_fn, _, _ = models.mlp(sizes=(D_IN, 8, CLASSES), batch=x.shape[0])
+    labels = {
+        "dense_0": {"kernel": "adam", "bias": "adam"},
+        "dense_1": {"kernel": "kfac", "bias": "kfac"},
+    }
+    grads = jax.grad(lambda p: LOSS(apply_fn(p, x), y))(params)
+    return x, y, params, apply_fn, labels, grads
+
+
+@pytest.mark.parametrize("wrapper", ["partition", "multi_transform", "masked"])
+def test_optax_partitions_around_kfac_are_refused_with_the_patterns_that_work(wrapper):
+    """optax hides the other groups' parameters from an inner transform, and kfax needs them
+    all to run the model: a clear error naming the working patterns, not a crash in the model."""
+    x, _, params, apply_fn, labels, _ = _two_groups()
+    kfac = kfax.kfac(0.1, apply_fn, LOSS, example_inputs=x)
+    tx = {
+        "partition": lambda: optax.partition({"kfac": kfac, "adam": optax.adam(1e-3)}, labels),
+        "multi_transform": lambda: optax.multi_transform(
+            {"kfac": kfac, "adam": optax.adam(1e-3)}, labels
+        ),
+        "masked": lambda: optax.masked(kfac, jax.tree.map(lambda lab: lab == "kfac", labels)),
+    }[wrapper]()
+    with pytest.raises(ValueError, match=r"masked entries.*block=.*unmatched="):
+        tx.init(params)
+
+
+def test_kfac_for_some_layers_and_adam_for_the_rest_through_block_and_unmatched():
+    """block={"dense_0": None} leaves a layer to `unmatched`: with scale_by_adam there, its
+    first update is -lr times Adam's direction; the K-FAC layer's update is the one it gets when
+    every layer is preconditioned (blocks are per layer)."""
+    x, y, params, apply_fn, _, grads = _two_groups()
+    options = dict(example_inputs=x, norm_constraint=False, momentum=0.0)
+    mixed = kfax.kfac(
+        0.1, apply_fn, LOSS, block={"dense_0": None}, unmatched=optax.scale_by_adam(), **options
+    )
+    everything = kfax.kfac(0.1, apply_fn, LOSS, **options)
+    with jax.disable_jit():
+        got, _ = mixed.update(grads, mixed.init(params), params, inputs=x, targets=y)
+        want, _ = everything.update(grads, everything.init(params), params, inputs=x, targets=y)
+    adam = optax.scale_by_adam()
+    adam_direction, _ = adam.update(grads["dense_0"], adam.init(params["dense_0"]))
+    chex_close(got["dense_0"], jax.tree.map(lambda a: -0.1 * a, adam_direction))
+    chex_close(got["dense_1"], want["dense_1"])
+
+
+def test_kfax_first_then_optax_partition_gives_each_group_its_own_optimiser():
+    """chain(scale_by_kfac(block=...), partition(...)): kfax sees every parameter, passes the
+    unpreconditioned layer through unchanged, and each group gets its own learning rate."""
+    x, y, params, apply_fn, labels, grads = _two_groups()
+    tx = optax.chain(
+        kfax.scale_by_kfac(apply_fn, LOSS, example_inputs=x, block={"dense_0": None}),
+        optax.partition({"kfac": optax.scale(-0.1), "adam": optax.adam(1e-3)}, labels),
+    )
+    with jax.disable_jit():
+        updates, _ = tx.update(grads, tx.init(params), params, inputs=x, targets=y)
+        bare = kfax.scale_by_kfac(apply_fn, LOSS, example_inputs=x)
+        direction, _ = bare.update(grads, bare.init(params), params, inputs=x, targets=y)
+    adam = optax.adam(1e-3)
+    adam_update, _ = adam.update(grads["dense_0"], adam.init(params["dense_0"]))
+    chex_close(updates["dense_0"], adam_update)
+    chex_close(updates["dense_1"], jax.tree.map(lambda d: -0.1 * d, direction["dense_1"]))
+
+
+def chex_close(actual, expected):
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
