@@ -40,12 +40,48 @@ class NoLayersError(ValueError):
 
 
 def trace_layers(apply_fn: Callable, params: Any, inputs: Any) -> _tracing.Trace:
-    """Trace ``apply_fn`` and check that it has layers and a single array output."""
-    traced = _tracing.trace(apply_fn, params, inputs)
+    """Trace ``apply_fn`` (cached) and check that kfax can precondition it.
+
+    The trace is cached (64 entries, least recently used dropped): a later call with the same
+    ``apply_fn`` object, the same parameter and input tree structures and the same leaf shapes
+    and dtypes (arrays, tracers or ``jax.ShapeDtypeStruct``) returns the same :class:`Trace`
+    without calling ``apply_fn``. As with ``jax.jit``, values ``apply_fn`` closes over are read
+    when it is first traced.
+
+    Raises:
+      ValueError: a parameter leaf is complex (named, with its dtype), the model output is
+        complex, or ``apply_fn`` does not return a single array. kfax preconditions real
+        parameters and real outputs only; real and imaginary parts can be trained as separate
+        real parameters.
+      NoLayersError: no dense or convolution layer was found.
+    """
+    traced = _tracing.cached_trace(apply_fn, params, inputs)
+    if traced.complex_leaves:
+        complex_paths = set(traced.complex_leaves)
+        avals = traced.closed_jaxpr.jaxpr.invars[: traced.num_leaves]
+        named = ", ".join(
+            f"{path!r} is {aval.aval.dtype}"
+            for path, aval in zip(traced.leaf_paths, avals, strict=True)
+            if path in complex_paths
+        )
+        raise ValueError(
+            f"kfax does not support complex parameters yet: {named}. Train the real and "
+            "imaginary parts as separate real parameters: kfax preconditions those that feed a "
+            "real dense or convolution layer (for example a real layer on the stacked real and "
+            "imaginary parts of its input), and the others get the `unmatched` transform."
+        )
     if traced.output_treedef.num_leaves != 1:
         raise ValueError(
             "apply_fn must return a single array of model outputs (logits or means); it returned "
             f"a pytree with {traced.output_treedef.num_leaves} leaves: {traced.output_treedef}."
+        )
+    shape, dtype = traced.output_avals[0]
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise ValueError(
+            f"kfax does not support complex model outputs yet: apply_fn returns outputs of dtype "
+            f"{dtype} and shape {shape}. Return real outputs (for example the real and imaginary "
+            "parts stacked along the last axis, with a loss written for them); parameters can "
+            "stay real."
         )
     if not traced.layers:
         listing = "; ".join(f"{p}: {why}" for p, why in traced.unmatched) or "no parameters"

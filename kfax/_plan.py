@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfax import _capture, _tracing
+from kfax import _capture, _tracing, _trees
 from kfax.blocks import Block, choose_block, make_block
 from kfax.losses import Loss
 
@@ -55,12 +55,7 @@ class Plan:
 
     def statistics_dtype(self, params: Any) -> Any:
         """float32, or the widest floating dtype of the parameters if wider."""
-        floating = [
-            leaf.dtype
-            for leaf in jax.tree.leaves(params)
-            if jnp.issubdtype(getattr(leaf, "dtype", jnp.float32), jnp.floating)
-        ]
-        return jnp.promote_types(jnp.result_type(*floating, jnp.float32), jnp.float32)
+        return _trees.floating_dtype(params)
 
     def warn_about_suspect_biases(self, warn: Callable[..., None]) -> None:
         for bias_path, layer in getattr(self.traced, "suspect_biases", ()):
@@ -106,7 +101,7 @@ def _shapes(tree: Any) -> tuple:
 def public_layer(site: _tracing.LayerSite) -> Any:
     from kfax import report  # noqa: PLC0415  (report imports this module)
 
-    return report._public(site)
+    return report.layer_of(site)
 
 
 def make_plan(
@@ -133,4 +128,3 @@ def make_plan(
             "block= leaves no layer to precondition: every layer was mapped to None."
         )
     return Plan(apply_fn, loss, kind, samples, tuple(blocks), others, traced)
-

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from kfax import statistics
-from kfax._trees import keep_if_finite
 from kfax._plan import Plan
+from kfax._trees import keep_if_finite
 from kfax.blocks import LayerGradient
 
 
@@ -111,8 +111,9 @@ def _observe_in_bases(plan: Plan, curvature, batch, decay):
     return out
 
 
-def _update_curvature(plan: Plan, state, params, inputs, targets, where, key, lam, decay,
-                      do_stats, do_refresh):
+def _update_curvature(
+    plan: Plan, state, params, inputs, targets, where, key, lam, decay, do_stats, do_refresh
+):
     def refresh_if(stats, curvature, health):
         return jax.lax.cond(
             do_refresh,
@@ -150,8 +151,17 @@ def _precondition(plan: Plan, stats, curvature, updates, lam):
 
 @functools.partial(jax.jit, static_argnums=0)
 def preconditioner_step(
-    plan: Plan, updates, state: KFACState, params, inputs, targets, where, lam, decay,
-    stats_every, inverse_every,
+    plan: Plan,
+    updates,
+    state: KFACState,
+    params,
+    inputs,
+    targets,
+    where,
+    lam,
+    decay,
+    stats_every,
+    inverse_every,
 ):
     """``(preconditioned updates, new state)`` for one step (see the module docstring)."""
     key, stats_key = jax.random.split(state.key)

@@ -14,6 +14,16 @@ def widened(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
 
 
+def floating_dtype(tree: Any) -> Any:
+    """float32, or the widest floating dtype among the leaves if wider (other leaves ignored)."""
+    floating = [
+        leaf.dtype
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(getattr(leaf, "dtype", jnp.float32), jnp.floating)
+    ]
+    return jnp.promote_types(jnp.result_type(*floating, jnp.float32), jnp.float32)
+
+
 def vdot(a: Any, b: Any) -> jax.Array:
     """``<a, b>`` over all leaves, accumulated in float32 or wider."""
     return optax.tree.vdot(widened(a), widened(b))

@@ -216,7 +216,7 @@ def quadratic_model_step(
     preconditioner = optax.with_extra_args_support(preconditioner)
 
     def init_fn(params):
-        dtype = jnp.promote_types(optax.tree.dtype(params, "highest"), jnp.float32)
+        dtype = _trees.floating_dtype(params)
         zero, lam = jnp.zeros((), dtype), jnp.asarray(damping, dtype)
         info = StepInfo(
             zero,

@@ -58,7 +58,7 @@ def norm_constrained(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        dtype = jnp.promote_types(optax.tree.dtype(params, "highest"), jnp.float32)
+        dtype = _trees.floating_dtype(params)
         return NormConstraintState(
             jnp.zeros((), jnp.int32), inner.init(params), jnp.ones((), dtype)
         )

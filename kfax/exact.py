@@ -16,8 +16,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from kfax import _tracing
-from kfax.statistics import check_kind, check_samples
 from kfax.losses import Loss, check_loss
+from kfax.statistics import check_kind, check_samples
 
 
 def _per_example_loss(loss: Loss, f: jax.Array, y: jax.Array) -> jax.Array:

@@ -35,13 +35,29 @@ class Layer(NamedTuple):
 
 
 class LayerReport(NamedTuple):
-    """The layers found, and every parameter left unmatched as ``(path, reason)``."""
+    """What tracing found.
+
+    Attributes:
+      layers: the layers, in program order. A layer's weight (and bias) is used by that layer
+        operation and by nothing else.
+      unmatched: ``(path, reason)`` for every other parameter. A parameter used by a layer
+        operation and by anything else (a tied embedding, a block applied twice, a bias shared
+        by two layers) is unmatched, and its reason names every use.
+      suspect_biases: ``(bias_path, layer_name)``: an unmatched 1-D parameter of a bias-free
+        layer's width, added to that layer's output after an affine operation (such as
+        ``(x @ K + shift) + b``) or shared with another layer; K-FAC treats the layer as
+        bias-free and the parameter gets the ``unmatched`` transform. Biases after a
+        normalisation of the layer output (LayerNorm, RMSNorm, train-mode BatchNorm) are not
+        suspect (the rule is in :class:`kfax._tracing.Trace`).
+    """
 
     layers: tuple[Layer, ...]
     unmatched: tuple[tuple[str, str], ...]
+    suspect_biases: tuple[tuple[str, str], ...] = ()
 
 
-def _public(site: _tracing.LayerSite) -> Layer:
+def layer_of(site: _tracing.LayerSite) -> Layer:
+    """The public :class:`Layer` of a traced layer site."""
     g = site.geometry
     return Layer(
         site.name, g.kind, site.weight_path, site.bias_path, g.d_in, g.d_out, site.positions
@@ -65,11 +81,17 @@ def find_layers(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -
       (('scale', 'consumed by mul'),)
     """
     traced = _tracing.trace(apply_fn, params, inputs)
-    return LayerReport(tuple(_public(s) for s in traced.layers), traced.unmatched)
+    return LayerReport(
+        tuple(layer_of(s) for s in traced.layers), traced.unmatched, traced.suspect_biases
+    )
 
 
 def describe(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> str:
-    """A readable table of :func:`find_layers`: one row per layer, then unmatched parameters."""
+    """A readable table of :func:`find_layers`: one row per layer, then unmatched parameters.
+
+    Each suspect bias (see :class:`LayerReport`) gets a line of its own after the unmatched
+    parameters.
+    """
     report = find_layers(apply_fn, params, inputs)
     header = ("layer", "kind", "d_in", "d_out", "positions", "bias", "A size", "B size")
     rows = [
@@ -97,4 +119,10 @@ def describe(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> s
         lines.extend(f"  {path}: {reason}" for path, reason in report.unmatched)
     else:
         lines.append("Every parameter belongs to a layer.")
+    lines.extend(
+        f"Suspect bias: {path} looks like a bias of layer '{layer}' but is not matched as one "
+        "(added after another operation, or shared); K-FAC treats the layer as bias-free and "
+        f"does not precondition {path}."
+        for path, layer in report.suspect_biases
+    )
     return "\n".join(lines)

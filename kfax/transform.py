@@ -150,6 +150,7 @@ def scale_by_kfac(
                 "sees no inputs, and kfax finds the layers by tracing apply_fn on them."
             )
         _check_not_masked(params)
+        _check_floating(params)
         statistics.check_batch_axes(batch_axes, example_inputs)
         layers = plan(params, example_inputs)
         layers.warn_about_suspect_biases(warnings.warn)
@@ -201,6 +202,23 @@ def _check_not_masked(params) -> None:
             "(e.g. block={'embed*': None}) and give the rest an optax transform with "
             "unmatched= (e.g. unmatched=optax.scale_by_adam()), or chain "
             "kfax.scale_by_kfac(...) first and optax.partition(...) after it."
+        )
+
+
+def _check_floating(params) -> None:
+    """Only floating-point parameters can be optimised; name the others."""
+    paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    other = [
+        f"{jax.tree_util.keystr(path)} ({leaf.dtype})"
+        for path, leaf in paths
+        if not jnp.issubdtype(getattr(leaf, "dtype", jnp.float32), jnp.floating)
+    ]
+    if other:
+        raise ValueError(
+            f"kfax optimises floating-point parameters; params also hold {other[:4]}. Pass only "
+            "the trainable parameters (Flax nnx: nnx.split(model, nnx.Param, ...), or "
+            "nnx.Optimizer(model, tx, wrt=nnx.Param)) and feed the rest (batch statistics, RNG "
+            "state) to apply_fn through the inputs; see the README's nnx section."
         )
 
 

@@ -57,9 +57,7 @@ def test_step_size_and_momentum_solve_the_two_by_two_quadratic_model(x64):
         else:
             np.testing.assert_allclose(prev @ residual, 0.0, atol=1e-10)
             assert abs(float(info.momentum)) > 1e-6
-        np.testing.assert_allclose(
-            info.predicted_change, g @ d + 0.5 * d @ gn @ d, rtol=1e-9
-        )
+        np.testing.assert_allclose(info.predicted_change, g @ d + 0.5 * d @ gn @ d, rtol=1e-9)
         params = optax.apply_updates(params, updates)
 
 
