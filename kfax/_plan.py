@@ -104,6 +104,17 @@ def public_layer(site: _tracing.LayerSite) -> Any:
     return report.layer_of(site)
 
 
+def assign_blocks(
+    traced: _tracing.Trace, block: Any, centering: str
+) -> tuple[tuple[_tracing.LayerSite, Block | None], ...]:
+    """Every layer with the block the choice gives it (``None``: no curvature)."""
+    pairs = []
+    for site in traced.layers:
+        name = choose_block(site, public_layer(site) if callable(block) else None, block)
+        pairs.append((site, None if name is None else make_block(site, name, centering)))
+    return tuple(pairs)
+
+
 def make_plan(
     apply_fn: Callable[[Any, Any], jax.Array],
     loss: Loss,
@@ -118,13 +129,11 @@ def make_plan(
 ) -> Plan:
     """Trace ``apply_fn`` (cached) and give every layer its block."""
     traced = _capture.trace_layers(apply_fn, params, inputs)
-    blocks = []
-    for site in traced.layers:
-        name = choose_block(site, public_layer(site) if callable(block) else None, block)
-        if name is not None:
-            blocks.append((site.name, make_block(site, name, centering)))
+    blocks = tuple(
+        (site.name, b) for site, b in assign_blocks(traced, block, centering) if b is not None
+    )
     if not blocks:
         raise _capture.NoLayersError(
             "block= leaves no layer to precondition: every layer was mapped to None."
         )
-    return Plan(apply_fn, loss, kind, samples, tuple(blocks), others, traced)
+    return Plan(apply_fn, loss, kind, samples, blocks, others, traced)

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from kfax import _tracing
+from kfax import _capture, _tracing, _validation
+from kfax.blocks import CENTERINGS, check_block_choice
 
 
 class Layer(NamedTuple):
@@ -86,27 +87,70 @@ def find_layers(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -
     )
 
 
-def describe(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> str:
-    """A readable table of :func:`find_layers`: one row per layer, then unmatched parameters.
+def describe(
+    apply_fn: Callable[[Any, Any], Any],
+    params: Any,
+    inputs: Any,
+    *,
+    block: Any = "default",
+    centering: str = "exact",
+) -> str:
+    """A readable table of :func:`find_layers`: one row per layer with the curvature block the
+    optimiser gives it and the sizes of its factors, then the unmatched parameters.
 
-    Each suspect bias (see :class:`LayerReport`) gets a line of its own after the unmatched
-    parameters.
+    ``block`` and ``centering`` are those of :func:`kfax.scale_by_kfac` (the defaults are its
+    defaults), so the table shows what that optimiser will use: ``A`` is ``d_in`` wide for a
+    centred layer or a layer without a bias, ``d_in + 1`` for homogeneous K-FAC. A layer whose
+    block is ``None`` is left to the ``unmatched`` transform. Each suspect bias (see
+    :class:`LayerReport`) gets a line of its own.
+
+    Example:
+      >>> import jax.numpy as jnp, kfax
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> print(kfax.describe(lambda p, x: x @ p["w"] + p["b"], params, jnp.ones((4, 3))))
+      layer  kind   d_in  d_out  positions  bias  block     A size  B size
+      -----  -----  ----  -----  ---------  ----  --------  ------  ------
+      w      dense  3     2      1          yes   factored  3^2     2^2
+      1 layers found.
+      Every parameter belongs to a layer.
     """
+    from kfax import _plan  # noqa: PLC0415  (_plan imports this module's layer_of)
+
+    _validation.choice("centering", centering, CENTERINGS)
+    check_block_choice(block)
+    traced = _capture.trace_layers(apply_fn, params, inputs)
     report = find_layers(apply_fn, params, inputs)
-    header = ("layer", "kind", "d_in", "d_out", "positions", "bias", "A size", "B size")
-    rows = [
-        (
-            layer.name,
-            layer.kind,
-            str(layer.d_in),
-            str(layer.d_out),
-            str(layer.positions),
-            "yes" if layer.bias_path else "no",
-            f"{layer.d_in + (layer.bias_path is not None)}^2",
-            f"{layer.d_out}^2",
+    header = ("layer", "kind", "d_in", "d_out", "positions", "bias", "block", "A size", "B size")
+    rows = []
+    for (_, chosen), layer in zip(
+        _plan.assign_blocks(traced, block, centering), report.layers, strict=True
+    ):
+        sizes = (
+            ("-", "-") if chosen is None else (f"{chosen.input_size}^2", f"{chosen.output_size}^2")
         )
-        for layer in report.layers
-    ]
+        rows.append(
+            (
+                layer.name,
+                layer.kind,
+                str(layer.d_in),
+                str(layer.d_out),
+                str(layer.positions),
+                "yes" if layer.bias_path else "no",
+                "none" if chosen is None else chosen.name,
+                *sizes,
+            )
+        )
+    lines = _table(header, rows, report)
+    skipped = [row[0] for row in rows if row[6] == "none"]
+    if skipped:
+        lines.append(
+            f"Layers without curvature (block None; the unmatched transform updates them): "
+            f"{', '.join(skipped)}."
+        )
+    return "\n".join(lines)
+
+
+def _table(header, rows, report: LayerReport) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -125,4 +169,4 @@ def describe(apply_fn: Callable[[Any, Any], Any], params: Any, inputs: Any) -> s
         f"does not precondition {path}."
         for path, layer in report.suspect_biases
     )
-    return "\n".join(lines)
+    return lines

@@ -37,3 +37,19 @@ def test_describe_without_suspects_prints_no_suspect_line():
     table = kfax.describe(apply_fn, params, x)
     assert "Every parameter belongs to a layer." in table
     assert "Suspect" not in table
+
+
+def test_describe_reports_the_blocks_and_factor_sizes_the_optimiser_uses():
+    """Default: centred K-FAC (A is d_in wide); centering="none": homogeneous (d_in + 1); a
+    layer mapped to None is listed as left to the unmatched transform."""
+    params, apply_fn, inputs, _ = models.mlp(sizes=(4, 5, 3))
+    rows = {
+        line.split()[0]: line.split()
+        for line in kfax.describe(apply_fn, params, inputs).splitlines()[2:4]
+    }
+    assert rows["dense_0"][6:] == ["factored", "4^2", "5^2"]
+    homogeneous = kfax.describe(apply_fn, params, inputs, centering="none", block="eigen")
+    assert homogeneous.splitlines()[2].split()[6:] == ["eigen", "5^2", "5^2"]
+    partial = kfax.describe(apply_fn, params, inputs, block={"dense_1": None})
+    assert "dense_1  dense  5     3      1          yes   none" in partial
+    assert "the unmatched transform updates them): dense_1." in partial
