@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/python -m examples.demo
 
+# The main suite, then the multi-device tests in a process of their own (8 simulated devices).
 test: venv
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest tests/multidevice -n 2 --dist loadfile -q $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

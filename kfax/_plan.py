@@ -31,6 +31,7 @@ class Plan:
     samples: int
     blocks_in_order: tuple[tuple[str, Block], ...]
     others: optax.GradientTransformation
+    axis_name: Any
     traced: _tracing.Trace = dataclasses.field(compare=False)
 
     @property
@@ -126,6 +127,7 @@ def make_plan(
     block: Any,
     centering: str,
     others: optax.GradientTransformation,
+    axis_name: Any = None,
 ) -> Plan:
     """Trace ``apply_fn`` (cached) and give every layer its block."""
     traced = _capture.trace_layers(apply_fn, params, inputs)
@@ -136,4 +138,4 @@ def make_plan(
         raise _capture.NoLayersError(
             "block= leaves no layer to precondition: every layer was mapped to None."
         )
-    return Plan(apply_fn, loss, kind, samples, blocks, others, traced)
+    return Plan(apply_fn, loss, kind, samples, blocks, others, axis_name, traced)

@@ -90,6 +90,7 @@ def _observe(plan: Plan, state, params, inputs, targets, where, key, decay):
         where=where,
         key=key,
         traced=plan.traced,
+        axis_name=plan.axis_name,
     )
     stats, health = {}, {}
     for name, block in plan.blocks_in_order:

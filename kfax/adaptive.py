@@ -71,7 +71,11 @@ class QuadraticModelState(NamedTuple):
     info: StepInfo
 
 
-def _quadratic_terms(apply_fn, loss, params, inputs, targets, where, tangents, lam):
+def _pmean(x, axis_name):
+    return x if axis_name is None else jax.lax.pmean(x, axis_name)
+
+
+def _quadratic_terms(apply_fn, loss, params, inputs, targets, where, tangents, lam, axis_name):
     """Gradient terms ``b``, the 2x2 curvature ``<J t_i, H J t_j>``, the Gram matrix
     ``<t_i, t_j>`` of the tangents, and the loss at ``params``."""
     outputs, jvps = jax.vmap(
@@ -86,7 +90,8 @@ def _quadratic_terms(apply_fn, loss, params, inputs, targets, where, tangents, l
     b = jnp.einsum("k...,...->k", jvps, gradient)
     m = jnp.einsum("i...,j...->ij", jvps, curvature)
     norms = jax.vmap(lambda s: jax.vmap(lambda t: _trees.vdot(s, t))(tangents))(tangents)
-    return b, m, norms, loss(outputs, targets, where)
+    b, m, value = _pmean((b, m, loss(outputs, targets, where)), axis_name)
+    return b, m, norms, value
 
 
 def _solve(b: jax.Array, m: jax.Array, has_previous: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -115,7 +120,7 @@ def _warn_gradient_scale(scale) -> None:
 @functools.partial(jax.jit, static_argnums=0)
 def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, rule):
     """One step of :func:`quadratic_model_step` (compiled once per wrapped preconditioner)."""
-    preconditioner, apply_fn, loss, adaptive_damping = static
+    preconditioner, apply_fn, loss, adaptive_damping, axis_name = static
     damping_every, min_damping, max_damping = rule
     lam = state.damping
     direction, inner = preconditioner.update(
@@ -132,7 +137,7 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
     previous = state.previous_update
     tangents = jax.tree.map(lambda a, b: jnp.stack([a, b.astype(a.dtype)]), delta, previous)
     b, m, norms, before = _quadratic_terms(
-        apply_fn, loss, params, inputs, targets, where, tangents, lam
+        apply_fn, loss, params, inputs, targets, where, tangents, lam, axis_name
     )
     alpha, mu = _solve(b, m + lam * norms, state.count > 0)
     step = jax.tree.map(lambda d, p: (alpha * d + mu * p).astype(d.dtype), delta, previous)
@@ -147,7 +152,7 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
 
     def ratio():
         new = optax.apply_updates(params, step)
-        after = loss(apply_fn(new, inputs).astype(before.dtype), targets, where)
+        after = _pmean(loss(apply_fn(new, inputs).astype(before.dtype), targets, where), axis_name)
         return (after - before) / jnp.minimum(predicted, -jnp.finfo(before.dtype).tiny)
 
     measure = adaptive_damping & (state.count % damping_every == 0)
@@ -183,6 +188,7 @@ def quadratic_model_step(
     damping_every: int = 5,
     min_damping: float = 1e-8,
     max_damping: float = 1e10,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Step size, momentum and damping from the quadratic model (module docstring).
 
@@ -194,6 +200,8 @@ def quadratic_model_step(
       adaptive_damping: adjust ``lam`` every ``damping_every`` steps by the reduction ratio.
       damping_every: cadence of the adjustment; ``lam`` moves by ``(19/20)^damping_every``.
       min_damping, max_damping: bounds of the adjusted damping.
+      axis_name: the device axis of ``pmap`` / ``shard_map`` (as the preconditioner's): the
+        model's terms and the reduction ratio are averaged across it.
 
     Returns:
       A transform whose ``update(grads, state, params, *, inputs, targets, where=None)`` returns
@@ -244,7 +252,7 @@ def quadratic_model_step(
             )
         rule = (damping_every, min_damping, max_damping)
         return _adaptive_step(
-            (preconditioner, apply_fn, loss, adaptive_damping),
+            (preconditioner, apply_fn, loss, adaptive_damping, axis_name),
             grads,
             state,
             params,

@@ -159,6 +159,7 @@ def kfac(
             adaptive_damping=adaptive_damping is not False,
             damping_every=DEFAULT_DAMPING_EVERY if damping_every is None else damping_every,
             min_damping=DEFAULT_MIN_DAMPING if min_damping is None else min_damping,
+            axis_name=axis_name,
         )
     _validation.positive("learning_rate", learning_rate, schedule=True)
     momentum = DEFAULT_MOMENTUM if momentum is None else momentum

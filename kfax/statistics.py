@@ -43,7 +43,10 @@ class LayerCapture(NamedTuple):
       row_weights: ``None`` when every row counts, else one weight per row of ``h`` in ``[0, 1]``
         (1 for a position that counts, 0 for a masked one; the fraction of counted positions
         where a layer's positions do not map onto the output's).
-      batch: ``N``, the number of examples.
+      batch: ``N``, the number of examples (on this device).
+      axis_name: the device axis (``pmap``, ``shard_map``) over which statistics are averaged;
+        ``None`` on one device or under sharded ``jit``. Blocks pool their batch statistics with
+        :func:`pool_mean` (or, for means and covariances, :func:`input_moments`).
     """
 
     inputs: jax.Array
@@ -51,6 +54,7 @@ class LayerCapture(NamedTuple):
     scale: jax.Array
     row_weights: jax.Array | None
     batch: int
+    axis_name: Any = None
 
 
 class Pass(NamedTuple):
@@ -181,11 +185,16 @@ def statistics_pass(
     where: Any = None,
     key: jax.Array | None = None,
     traced: _tracing.Trace | None = None,
+    axis_name: Any = None,
 ) -> Pass:
     """One tapped forward pass and one pullback per output-cotangent column.
 
-    ``traced`` reuses an earlier trace of ``apply_fn`` at these shapes.
+    ``traced`` reuses an earlier trace of ``apply_fn`` at these shapes. With ``axis_name``
+    (inside ``pmap`` or ``shard_map``) the sampling key is folded with the device's index, so
+    that devices sample different targets, and the captures carry the axis for pooling.
     """
+    if axis_name is not None and key is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     tapped = _capture.capture(apply_fn, params, inputs, param_gradients=False, traced=traced)
     kappa = position_weights(loss, tapped.outputs, targets, where)
     columns, scale = output_cotangents(
@@ -200,6 +209,7 @@ def statistics_pass(
             scale,
             row_weights(site, kappa),
             batch,
+            axis_name,
         )
         for site in tapped.layers
     }
@@ -244,14 +254,44 @@ def input_moments(geometry: _layers.Geometry, capture: LayerCapture) -> InputMom
         centred = rows - mean
         weighted = centred * weights[:, None]
     covariance = jnp.matmul(weighted.T, centred, precision=HIGHEST) / jnp.maximum(count, 1e-30)
-    return InputMoments(mean, covariance, count)
+    if capture.axis_name is None:
+        return InputMoments(mean, covariance, count)
+    return _pool_moments(InputMoments(mean, covariance, count), capture.axis_name)
+
+
+def _pool_moments(local: InputMoments, axis_name: Any) -> InputMoments:
+    """The moments of the union of every device's rows, exactly.
+
+    ``C = sum_d c_d (C_d + (m_d - m)(m_d - m)^T) / sum_d c_d``: the devices' (small) means and
+    counts are gathered, the covariances summed. Centring about each device's own mean keeps
+    float32 accurate; the spread of the device means restores what per-device centring left
+    out, so the result is the covariance of the whole batch, not the mean of per-device ones.
+    """
+    counts = jax.lax.all_gather(local.count, axis_name)
+    means = jax.lax.all_gather(local.mean, axis_name).reshape(-1, local.mean.shape[-1])
+    counts = counts.reshape(-1)
+    total = jnp.maximum(jnp.sum(counts), 1e-30)
+    mean = jnp.matmul(counts, means, precision=HIGHEST) / total
+    spread = (means - mean) * jnp.sqrt(counts)[:, None]
+    between = jnp.matmul(spread.T, spread, precision=HIGHEST)
+    within = jax.lax.psum(local.count * local.covariance, axis_name)
+    return InputMoments(mean, (within + between) / total, jnp.sum(counts))
+
+
+def pool_mean(x: Any, capture: LayerCapture) -> Any:
+    """``x`` averaged over the devices of ``capture.axis_name`` (unchanged without one): for
+    batch statistics that are means over equally many examples on every device."""
+    if capture.axis_name is None:
+        return x
+    return jax.lax.pmean(x, capture.axis_name)
 
 
 def output_moment(geometry: _layers.Geometry, capture: LayerCapture) -> jax.Array:
     """``scale * sum over columns and rows of g g^T`` (K-FAC-expand)."""
     rows = jax.vmap(geometry.output_rows)(capture.cotangents).reshape(-1, geometry.d_out)
     rows = rows.astype(statistics_dtype(rows.dtype))
-    return jnp.matmul(rows.T, rows, precision=HIGHEST) * capture.scale.astype(rows.dtype)
+    moment = jnp.matmul(rows.T, rows, precision=HIGHEST) * capture.scale.astype(rows.dtype)
+    return pool_mean(moment, capture)
 
 
 def layer_moments(

@@ -99,7 +99,10 @@ def scale_by_kfac(
       unmatched: an optax transform for the parameters that no block preconditions (default
         ``optax.identity()``), e.g. ``optax.scale_by_adam()``.
       seed: seed of the PRNG key that samples targets.
-      axis_name: reserved for cross-device statistics; not supported yet.
+      axis_name: the device axis (or tuple of axes) of ``pmap`` / ``shard_map`` over which the
+        batch is split: statistics are pooled across it (every device then holds the same
+        factors, inverses and updates) and devices sample different targets. Pass gradients
+        already averaged across the axis (``jax.lax.pmean``). Not needed under sharded ``jit``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *,
@@ -132,11 +135,11 @@ def scale_by_kfac(
     _validation.integer("seed", seed)
     if unmatched is not None and not isinstance(unmatched, optax.GradientTransformation):
         raise ValueError(f"unmatched must be an optax GradientTransformation, got {unmatched!r}.")
-    if axis_name is not None:
-        raise NotImplementedError(
-            "axis_name (cross-device statistics) is not supported yet; leave axis_name=None."
-        )
-    options = dict(kind=kind, samples=samples, block=block, centering=centering)
+    if axis_name is not None and not isinstance(axis_name, (str, tuple)):
+        raise ValueError(f"axis_name must be a string or a tuple of strings, got {axis_name!r}.")
+    options = dict(
+        kind=kind, samples=samples, block=block, centering=centering, axis_name=axis_name
+    )
     others = IDENTITY if unmatched is None else unmatched
 
     def plan(params, inputs) -> Plan:
@@ -172,6 +175,7 @@ def scale_by_kfac(
         del extra
         _check_not_masked(params)
         _check_update_arguments(params, inputs, targets, kind)
+        _check_axis_bound(axis_name)
         _check_same_structure(updates, params)
         statistics.check_targets(loss, _capture.trace_layers(apply_fn, params, inputs), targets)
         if stats_batch_size is not None:
@@ -220,6 +224,19 @@ def _check_floating(params) -> None:
             "nnx.Optimizer(model, tx, wrt=nnx.Param)) and feed the rest (batch statistics, RNG "
             "state) to apply_fn through the inputs; see the README's nnx section."
         )
+
+
+def _check_axis_bound(axis_name) -> None:
+    if axis_name is None:
+        return
+    try:
+        jax.lax.axis_index(axis_name)
+    except NameError:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not bound: call update inside jax.pmap(..., "
+            f"axis_name={axis_name!r}) or jax.shard_map over a mesh with that axis (under "
+            "sharded jax.jit leave axis_name=None: XLA inserts the collectives)."
+        ) from None
 
 
 def _check_update_arguments(params, inputs, targets, kind) -> None:

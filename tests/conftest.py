@@ -3,6 +3,10 @@
 import jax
 import pytest
 
+# Eight simulated devices need a process of their own: `make test` runs tests/multidevice in a
+# second pytest invocation (XLA reads the device-count flag when JAX creates its CPU backend).
+collect_ignore = ["multidevice"]
+
 
 @pytest.fixture
 def x64():

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from kfax.blocks.eigen import EigenBlock, eigh
 from kfax.blocks.kronecker import KroneckerCurvature, moving_average_step
-from kfax.statistics import HIGHEST, LayerCapture, statistics_dtype
+from kfax.statistics import HIGHEST, LayerCapture, pool_mean, statistics_dtype
 
 
 class EKFACBasis(NamedTuple):
@@ -96,7 +96,7 @@ class EKFACBlock(EigenBlock):
         g = jax.vmap(self.site.geometry.output_rows)(capture.cotangents).astype(dtype)
         g = jnp.matmul(g, basis.q_b, precision=HIGHEST)
         g = g.reshape(g.shape[0], capture.batch, -1, g.shape[-1])
-        fresh = per_example_squares(h, g, capture.scale.astype(dtype))
+        fresh = pool_mean(per_example_squares(h, g, capture.scale.astype(dtype)), capture)
         beta, weight = moving_average_step(basis.scalings_weight, decay)
         scalings = basis.scalings + beta * (fresh - basis.scalings)
         return curvature._replace(factors=basis._replace(scalings=scalings, scalings_weight=weight))
