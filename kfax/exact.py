@@ -7,6 +7,7 @@ own autodiff derivatives, so that tests can compare K-FAC against them. The cost
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,36 +21,56 @@ from kfax.losses import Loss, check_loss
 from kfax.statistics import check_kind, check_samples
 
 
-def _per_example_loss(loss: Loss, f: jax.Array, y: jax.Array) -> jax.Array:
-    return loss.per_example(f[None], y[None])[0]
+def _per_example_loss(loss: Loss, f: jax.Array, y: Any, where: Any) -> jax.Array:
+    w = None if where is None else where[None]
+    return loss.per_example(f[None], y[None], w)[0]
 
 
-def _output_matrices(loss, kind, outputs, targets, key, samples):
-    """Per-example ``D`` (exact) or the outer products ``u u^T`` averaged over samples."""
+def _output_matrices(loss, kind, outputs, targets, where, key, samples):
+    """Per-example ``D`` (exact) or the outer products ``u u^T`` averaged over samples; masks
+    and weights enter as in the loss (``kappa H``; ``u = sqrt(kappa) grad l`` when sampled)."""
     n = outputs.shape[0]
     flat = outputs.reshape(n, -1)
+    vmapped_where = None if where is None else jnp.asarray(where)
 
-    def loss_of_flat(f_flat, y):
-        return _per_example_loss(loss, f_flat.reshape(outputs.shape[1:]), y)
+    def loss_of_flat(f_flat, y, w):
+        return _per_example_loss(loss, f_flat.reshape(outputs.shape[1:]), y, w)
+
+    def over_batch(fn, y, w):
+        return jax.vmap(fn, in_axes=(0, 0, None if w is None else 0))(flat, y, w)
 
     if kind == "exact":
         y = targets if targets is not None else loss.sample(jax.random.key(0), outputs)
-        return jax.vmap(jax.hessian(loss_of_flat))(flat, y)
+        return over_batch(jax.hessian(loss_of_flat), y, vmapped_where)
     if kind == "empirical":
         if targets is None:
             raise ValueError("kind='empirical' needs targets=...")
-        u = jax.vmap(jax.grad(loss_of_flat))(flat, targets)
+        u = over_batch(jax.grad(loss_of_flat), targets, vmapped_where)
         return jnp.einsum("ni,nj->nij", u, u)
     if key is None:
         raise ValueError("kind='mc' needs key=...")
     keys = jax.random.split(key, samples)
+    root = None if vmapped_where is None else jnp.sqrt(vmapped_where)
 
     def one_sample(k):
-        y = loss.sample(k, outputs)
-        u = jax.vmap(jax.grad(loss_of_flat))(flat, y)
+        u = over_batch(jax.grad(loss_of_flat), loss.sample(k, outputs), root)
         return jnp.einsum("ni,nj->nij", u, u)
 
     return jnp.mean(jax.vmap(one_sample)(keys), axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _dense_curvature(apply_fn, loss, kind, samples, params, inputs, targets, where, key):
+    flat, unravel = ravel_pytree(params)
+
+    def model(theta):
+        return apply_fn(unravel(theta), inputs)
+
+    outputs = model(flat)
+    n = outputs.shape[0]
+    jac = jax.jacfwd(model)(flat).reshape(n, -1, flat.size)
+    d = _output_matrices(loss, kind, outputs, targets, where, key, samples)
+    return jnp.einsum("noi,nop,npj->ij", jac, d, jac) / n
 
 
 def curvature_matrix(
@@ -60,6 +81,7 @@ def curvature_matrix(
     *,
     kind: str = "exact",
     targets: jax.Array | None = None,
+    where: jax.Array | None = None,
     key: jax.Array | None = None,
     samples: int = 1,
 ) -> jax.Array:
@@ -70,7 +92,8 @@ def curvature_matrix(
     (``kind="exact"``: the Gauss-Newton matrix, equal to the Fisher for kfax's losses), the
     mean over ``samples`` targets drawn from the model of ``u u^T``, ``u = grad_f l(f, y~)``
     (``kind="mc"``, keys ``jax.random.split(key, samples)`` as in :func:`kfax.kronecker_factors`),
-    or ``u u^T`` for the data targets (``kind="empirical"``).
+    or ``u u^T`` for the data targets (``kind="empirical"``). ``where`` (shape
+    ``outputs.shape[:-1]``) weights positions as the loss does.
 
     Example:
       >>> import jax.numpy as jnp, kfax
@@ -83,17 +106,12 @@ def curvature_matrix(
     """
     check_loss(loss)
     check_kind(kind)
-    check_samples(samples)
-    flat, unravel = ravel_pytree(params)
-
-    def model(theta):
-        return apply_fn(unravel(theta), inputs)
-
-    outputs = model(flat)
-    n = outputs.shape[0]
-    jac = jax.jacfwd(model)(flat).reshape(n, -1, flat.size)
-    d = _output_matrices(loss, kind, outputs, targets, key, samples)
-    return jnp.einsum("noi,nop,npj->ij", jac, d, jac) / n
+    samples = check_samples(samples)
+    if kind == "empirical" and targets is None:
+        raise ValueError("kind='empirical' needs targets=...")
+    if kind == "mc" and key is None:
+        raise ValueError("kind='mc' needs key=...")
+    return _dense_curvature(apply_fn, loss, kind, samples, params, inputs, targets, where, key)
 
 
 def layer_indices(apply_fn: Callable, params: Any, inputs: Any, layer: str) -> np.ndarray:

@@ -139,7 +139,7 @@ def row_weights(site: _tracing.LayerSite, kappa: jax.Array | None) -> jax.Array 
     """
     if kappa is None:
         return None
-    counts = (kappa != 0).astype(jnp.float32)
+    counts = (kappa != 0).astype(statistics_dtype(kappa.dtype))
     shape = list(site.output_shape)
     del shape[site.geometry.output_axis]
     if tuple(shape) == tuple(counts.shape):

@@ -92,7 +92,8 @@ def test_single_dense_layer_with_squared_error_is_exactly_kronecker(x64):
 
 
 def test_softmax_output_differs_from_kronecker_by_the_covariance_residual(x64):
-    """G - A (x) B = E[(hom - E hom) (x) (J^T D J - E J^T D J)] (seed 000), and is not zero."""
+    """G - A (x) B = E[(hom - E hom) (x) (J^T D J - E J^T D J)], a covariance between the
+    factors (George, "The algebra of second order methods"), and is not zero."""
     params, apply_fn, inputs, values = models.mlp(sizes=(4, 3), batch=9)
     loss = LOSSES["softmax"]
     factors = kfax.kronecker_factors(apply_fn, loss, kind="exact", centering="none")(
