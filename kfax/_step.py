@@ -11,7 +11,9 @@ argument), so eager calls do not re-trace the model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -62,19 +64,68 @@ class KFACState(NamedTuple):
     damping: jax.Array
 
 
+def _signature(block: Any, args: tuple) -> tuple:
+    """Blocks of one class and configuration, on arguments of the same shapes, can run as one
+    vmapped computation: everything but the layer's position in the model must agree."""
+    fields = tuple(
+        (f.name, getattr(block, f.name)) for f in dataclasses.fields(block) if f.name != "site"
+    )
+    site = block.site
+    shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(args))
+    treedef = jax.tree.structure(args)
+    return (type(block), fields, site.geometry, site.bias_path is None, treedef, shapes)
+
+
+def map_layers(plan: Plan, fn: Callable, *per_layer: dict) -> dict:
+    """``{name: fn(block, *args)}`` for every layer, where ``args`` are each layer's entries of
+    ``per_layer``. Layers with the same block configuration and argument shapes (the mirrored
+    layers of an autoencoder, every block of a transformer) are stacked and run as one
+    ``jax.vmap``-ed computation: one batched Cholesky, eigendecomposition or product instead of
+    one per layer, and a compiled program that grows with the number of distinct layer shapes,
+    not with depth."""
+    groups: dict[tuple, list[tuple[str, Any]]] = {}
+    for name, block in plan.blocks_in_order:
+        args = tuple(tree[name] for tree in per_layer)
+        groups.setdefault(_signature(block, args), []).append((name, block))
+    out = {}
+    for members in groups.values():
+        names, block = [n for n, _ in members], members[0][1]
+        if len(names) == 1:
+            out[names[0]] = fn(block, *(tree[names[0]] for tree in per_layer))
+            continue
+        stacked = [
+            jax.tree.map(lambda *xs: jnp.stack(xs), *(tree[n] for n in names)) for tree in per_layer
+        ]
+        result = jax.vmap(lambda *args, b=block: fn(b, *args))(*stacked)
+        for i, name in enumerate(names):
+            out[name] = jax.tree.map(lambda x, i=i: x[i], result)
+    return out
+
+
 def _refresh(plan: Plan, stats, curvature, health, damping):
     """Every block's new curvature; a layer without data or with a non-finite result keeps its
     old one (and a non-finite result counts as a failed refresh)."""
-    new_curvature, new_health = {}, {}
-    for name, block in plan.blocks_in_order:
-        fresh, ok = keep_if_finite(block.refresh(stats[name], damping), curvature[name])
-        has_data = health[name].batches > 0
-        new_curvature[name] = jax.tree.map(
-            lambda f, o, d=has_data: jnp.where(d, f, o), fresh, curvature[name]
-        )
-        failed = health[name].failed_refreshes + (has_data & ~ok).astype(jnp.int32)
-        new_health[name] = health[name]._replace(failed_refreshes=failed)
-    return new_curvature, new_health
+
+    def one(block, layer_stats, layer_curvature, layer_health):
+        fresh, ok = keep_if_finite(block.refresh(layer_stats, damping), layer_curvature)
+        has_data = layer_health.batches > 0
+        fresh = jax.tree.map(lambda f, o: jnp.where(has_data, f, o), fresh, layer_curvature)
+        failed = layer_health.failed_refreshes + (has_data & ~ok).astype(jnp.int32)
+        return fresh, layer_health._replace(failed_refreshes=failed)
+
+    both = map_layers(plan, one, stats, curvature, health)
+    return {n: v[0] for n, v in both.items()}, {n: v[1] for n, v in both.items()}
+
+
+def _capture_arrays(batch) -> tuple[dict, Callable]:
+    """The captures' arrays per layer (vmappable), and how to rebuild a capture from them."""
+    first = next(iter(batch.layers.values()))
+    arrays = {n: (c.inputs, c.cotangents, c.scale, c.row_weights) for n, c in batch.layers.items()}
+
+    def rebuild(parts):
+        return statistics.LayerCapture(*parts, first.batch, first.axis_name)
+
+    return arrays, rebuild
 
 
 def _observe(plan: Plan, state, params, inputs, targets, where, key, decay):
@@ -92,24 +143,28 @@ def _observe(plan: Plan, state, params, inputs, targets, where, key, decay):
         traced=plan.traced,
         axis_name=plan.axis_name,
     )
-    stats, health = {}, {}
-    for name, block in plan.blocks_in_order:
-        merged = block.observe(state.statistics[name], batch.layers[name], decay)
-        stats[name], ok = keep_if_finite(merged, state.statistics[name])
-        old = state.health[name]
-        health[name] = old._replace(
-            batches=old.batches + ok.astype(jnp.int32),
-            skipped=old.skipped + (~ok).astype(jnp.int32),
+    arrays, rebuild = _capture_arrays(batch)
+
+    def one(block, old, capture, health):
+        merged, ok = keep_if_finite(block.observe(old, rebuild(capture), decay), old)
+        return merged, health._replace(
+            batches=health.batches + ok.astype(jnp.int32),
+            skipped=health.skipped + (~ok).astype(jnp.int32),
         )
-    return stats, health, batch
+
+    both = map_layers(plan, one, state.statistics, arrays, state.health)
+    stats = {n: v[0] for n, v in both.items()}
+    return stats, {n: v[1] for n, v in both.items()}, (arrays, rebuild)
 
 
-def _observe_in_bases(plan: Plan, curvature, batch, decay):
-    out = {}
-    for name, block in plan.blocks_in_order:
-        fresh = block.observe_in_basis(curvature[name], batch.layers[name], decay)
-        out[name], _ = keep_if_finite(fresh, curvature[name])
-    return out
+def _observe_in_bases(plan: Plan, curvature, captured, decay):
+    arrays, rebuild = captured
+
+    def one(block, layer_curvature, capture):
+        fresh = block.observe_in_basis(layer_curvature, rebuild(capture), decay)
+        return keep_if_finite(fresh, layer_curvature)[0]
+
+    return map_layers(plan, one, curvature, arrays)
 
 
 def _update_curvature(
@@ -123,9 +178,9 @@ def _update_curvature(
         )
 
     def with_statistics():
-        stats, health, batch = _observe(plan, state, params, inputs, targets, where, key, decay)
+        stats, health, captured = _observe(plan, state, params, inputs, targets, where, key, decay)
         curvature, health = refresh_if(stats, state.curvature, health)
-        return stats, _observe_in_bases(plan, curvature, batch, decay), health
+        return stats, _observe_in_bases(plan, curvature, captured, decay), health
 
     def without_statistics():
         curvature, health = refresh_if(state.statistics, state.curvature, state.health)
@@ -136,17 +191,23 @@ def _update_curvature(
 
 def _precondition(plan: Plan, stats, curvature, updates, lam):
     leaves, treedef = jax.tree.flatten(updates)
-    out = list(leaves)
+    grads = {}
     for name, block in plan.blocks_in_order:
         site = block.site
-        geometry = site.geometry
-        weight = leaves[site.weight_leaf]
         bias = None if site.bias_leaf is None else leaves[site.bias_leaf]
-        grad = LayerGradient(geometry.weight_matrix(weight), bias)
-        delta = block.precondition(stats[name], curvature[name], grad, lam)
-        out[site.weight_leaf] = geometry.weight_from_matrix(delta.weight).astype(weight.dtype)
-        if bias is not None:
-            out[site.bias_leaf] = delta.bias.astype(bias.dtype)
+        grads[name] = LayerGradient(site.geometry.weight_matrix(leaves[site.weight_leaf]), bias)
+
+    def one(block, layer_stats, layer_curvature, grad):
+        return block.precondition(layer_stats, layer_curvature, grad, lam)
+
+    deltas = map_layers(plan, one, stats, curvature, grads)
+    out = list(leaves)
+    for name, block in plan.blocks_in_order:
+        site, delta = block.site, deltas[name]
+        weight = leaves[site.weight_leaf]
+        out[site.weight_leaf] = site.geometry.weight_from_matrix(delta.weight).astype(weight.dtype)
+        if site.bias_leaf is not None:
+            out[site.bias_leaf] = delta.bias.astype(leaves[site.bias_leaf].dtype)
     return out, treedef
 
 
