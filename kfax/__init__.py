@@ -7,6 +7,7 @@ from kfax.adaptive import QuadraticModelState, StepInfo, quadratic_model_step
 from kfax.alias import kfac
 from kfax.constraints import NormConstraintState, norm_constrained
 from kfax.curvature import Factors, kronecker_factors
+from kfax.fused import value_and_grad
 from kfax.report import Layer, LayerReport, describe, find_layers
 from kfax.transform import scale_by_kfac
 
@@ -34,4 +35,5 @@ __all__ = [
     "quadratic_model_step",
     "scale_by_kfac",
     "statistics",
+    "value_and_grad",
 ]

@@ -117,20 +117,10 @@ def _refresh(plan: Plan, stats, curvature, health, damping):
     return {n: v[0] for n, v in both.items()}, {n: v[1] for n, v in both.items()}
 
 
-def _capture_arrays(batch) -> tuple[dict, Callable]:
-    """The captures' arrays per layer (vmappable), and how to rebuild a capture from them."""
-    first = next(iter(batch.layers.values()))
-    arrays = {n: (c.inputs, c.cotangents, c.scale, c.row_weights) for n, c in batch.layers.items()}
-
-    def rebuild(parts):
-        return statistics.LayerCapture(*parts, first.batch, first.axis_name)
-
-    return arrays, rebuild
-
-
-def _observe(plan: Plan, state, params, inputs, targets, where, key, decay):
-    """Merge one batch's statistics into every block (each layer validated on its own)."""
-    batch = statistics.statistics_pass(
+def _observe(plan: Plan, state, params, inputs, targets, where, key, decay, precomputed):
+    """Merge one batch's statistics into every block (each layer validated on its own); the
+    statistics are ``precomputed`` (by :func:`kfax.value_and_grad`) or taken here."""
+    batch = precomputed or statistics.statistics_pass(
         plan.apply_fn,
         plan.loss,
         params,
@@ -143,32 +133,40 @@ def _observe(plan: Plan, state, params, inputs, targets, where, key, decay):
         traced=plan.traced,
         axis_name=plan.axis_name,
     )
-    arrays, rebuild = _capture_arrays(batch)
 
     def one(block, old, capture, health):
-        merged, ok = keep_if_finite(block.observe(old, rebuild(capture), decay), old)
+        merged, ok = keep_if_finite(block.observe(old, capture, decay), old)
         return merged, health._replace(
             batches=health.batches + ok.astype(jnp.int32),
             skipped=health.skipped + (~ok).astype(jnp.int32),
         )
 
-    both = map_layers(plan, one, state.statistics, arrays, state.health)
+    both = map_layers(plan, one, state.statistics, batch.layers, state.health)
     stats = {n: v[0] for n, v in both.items()}
-    return stats, {n: v[1] for n, v in both.items()}, (arrays, rebuild)
+    return stats, {n: v[1] for n, v in both.items()}, batch
 
 
-def _observe_in_bases(plan: Plan, curvature, captured, decay):
-    arrays, rebuild = captured
-
+def _observe_in_bases(plan: Plan, curvature, batch, decay):
     def one(block, layer_curvature, capture):
-        fresh = block.observe_in_basis(layer_curvature, rebuild(capture), decay)
+        fresh = block.observe_in_basis(layer_curvature, capture, decay)
         return keep_if_finite(fresh, layer_curvature)[0]
 
-    return map_layers(plan, one, curvature, arrays)
+    return map_layers(plan, one, curvature, batch.layers)
 
 
 def _update_curvature(
-    plan: Plan, state, params, inputs, targets, where, key, lam, decay, do_stats, do_refresh
+    plan: Plan,
+    state,
+    params,
+    inputs,
+    targets,
+    where,
+    key,
+    lam,
+    decay,
+    do_stats,
+    do_refresh,
+    precomputed,
 ):
     def refresh_if(stats, curvature, health):
         return jax.lax.cond(
@@ -178,7 +176,9 @@ def _update_curvature(
         )
 
     def with_statistics():
-        stats, health, captured = _observe(plan, state, params, inputs, targets, where, key, decay)
+        stats, health, captured = _observe(
+            plan, state, params, inputs, targets, where, key, decay, precomputed
+        )
         curvature, health = refresh_if(stats, state.curvature, health)
         return stats, _observe_in_bases(plan, curvature, captured, decay), health
 
@@ -224,13 +224,25 @@ def preconditioner_step(
     decay,
     stats_every,
     inverse_every,
+    precomputed=None,
 ):
     """``(preconditioned updates, new state)`` for one step (see the module docstring)."""
     key, stats_key = jax.random.split(state.key)
     do_stats = state.count % stats_every == 0
     do_refresh = state.count % inverse_every == 0
     stats, curvature, health = _update_curvature(
-        plan, state, params, inputs, targets, where, stats_key, lam, decay, do_stats, do_refresh
+        plan,
+        state,
+        params,
+        inputs,
+        targets,
+        where,
+        stats_key,
+        lam,
+        decay,
+        do_stats,
+        do_refresh,
+        precomputed,
     )
     out, treedef = _precondition(plan, stats, curvature, updates, lam)
     rest, unmatched_state = plan.others.update(

@@ -18,6 +18,8 @@ Conventions (``docs/math.md``): with ``N`` examples, ``kappa`` the loss's positi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -32,8 +34,14 @@ KINDS = ("mc", "exact", "empirical")
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-class LayerCapture(NamedTuple):
-    """One layer's share of a statistics pass.
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["inputs", "cotangents", "scale", "row_weights"],
+    meta_fields=["batch", "axis_name"],
+)
+@dataclasses.dataclass(frozen=True)
+class LayerCapture:
+    """One layer's share of a statistics pass (a pytree: its arrays are the leaves).
 
     Attributes:
       inputs: the layer's input activation, as the model computed it.
@@ -57,12 +65,27 @@ class LayerCapture(NamedTuple):
     axis_name: Any = None
 
 
-class Pass(NamedTuple):
-    """A statistics pass over one batch: the model outputs, the layers, and each one's capture."""
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["outputs", "layers"],
+    meta_fields=["sites", "kind", "samples"],
+)
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """A statistics pass over one batch (a pytree, so it can be passed to ``update``).
+
+    Attributes:
+      outputs: the model outputs.
+      layers: ``{layer_name: LayerCapture}``.
+      sites: the layers found by tracing (static).
+      kind, samples: the curvature kind and samples per input the cotangents were drawn with.
+    """
 
     outputs: jax.Array
-    sites: tuple[_tracing.LayerSite, ...]
     layers: dict[str, LayerCapture]
+    sites: tuple[_tracing.LayerSite, ...]
+    kind: str
+    samples: int
 
 
 def check_kind(kind: str) -> None:
@@ -193,9 +216,34 @@ def statistics_pass(
     (inside ``pmap`` or ``shard_map``) the sampling key is folded with the device's index, so
     that devices sample different targets, and the captures carry the axis for pooling.
     """
+    tapped = _capture.capture(apply_fn, params, inputs, param_gradients=False, traced=traced)
+    return pass_from_capture(
+        tapped,
+        loss,
+        kind=kind,
+        samples=samples,
+        targets=targets,
+        where=where,
+        key=key,
+        axis_name=axis_name,
+    )
+
+
+def pass_from_capture(
+    tapped: _capture.Capture,
+    loss: Loss,
+    *,
+    kind: str,
+    samples: int = 1,
+    targets: Any = None,
+    where: Any = None,
+    key: jax.Array | None = None,
+    axis_name: Any = None,
+) -> Pass:
+    """The statistics of a tapped forward pass that has already run (see :func:`statistics_pass`;
+    :func:`kfax.value_and_grad` shares its forward pass with the gradient)."""
     if axis_name is not None and key is not None:
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    tapped = _capture.capture(apply_fn, params, inputs, param_gradients=False, traced=traced)
     kappa = position_weights(loss, tapped.outputs, targets, where)
     columns, scale = output_cotangents(
         loss, kind, tapped.outputs, kappa, targets=targets, where=where, key=key, samples=samples
@@ -213,7 +261,7 @@ def statistics_pass(
         )
         for site in tapped.layers
     }
-    return Pass(tapped.outputs, tapped.layers, layers)
+    return Pass(tapped.outputs, layers, tapped.layers, kind, samples)
 
 
 # ------------------------------------------------------------------------------ moments
