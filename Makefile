@@ -12,6 +12,7 @@ VENV_OLDJAX := .venv-oldjax
 VENV_BENCH := .venv-bench
 
 .PHONY: venv demo test lint format test-oldjax bench-venv clean distclean
+.PHONY: bench-quick bench-autoencoder bench-step-cost bench-transformer bench-scaling bench-gpu-data
 
 venv: $(VENV)/.installed
 
@@ -53,6 +54,40 @@ $(VENV_BENCH)/.installed: pyproject.toml
 	touch $@
 
 bench-venv: $(VENV_BENCH)/.installed
+
+# The full benchmark runs (benchmarks/README.md gives their durations; run them on a quiet
+# machine). Every peer runs interleaved in one process in .venv-bench (JAX $(OLDJAX), the only
+# JAX kfac-jax runs on); BENCH_PYTHON=.venv/bin/python runs them on .venv's JAX without kfac-jax.
+BENCH_PYTHON ?= $(VENV_BENCH)/bin/python
+BENCH_DEPS := $(if $(filter $(VENV_BENCH)/bin/python,$(BENCH_PYTHON)),$(VENV_BENCH)/.installed,venv)
+BENCH_ENV := OPENBLAS_NUM_THREADS=1
+BENCH_TAG ?=
+AUTOENCODER_OPTIMIZERS := adam,muon,psgd,kfac,kfac_adaptive,kfac_adaptive+fused=True,kfac_jax,kfac_jax+damping=1.0+num_burnin_steps=0,kfac_jax_fixed
+TRANSFORMER_OPTIMIZERS := adam,muon,psgd,kfac,kfac_adaptive,kfac_adaptive+damping=1.0,kfac_jax
+
+bench-quick: venv
+	$(VENV)/bin/python -m benchmarks.run --quick --task autoencoder --optimizers adam,muon,kfac,kfac_adaptive --out /tmp/kfax-bench-quick
+	$(VENV)/bin/python -m benchmarks.run --quick --task transformer --optimizers adam,muon,kfac,kfac_adaptive --out /tmp/kfax-bench-quick
+	$(VENV)/bin/python -m benchmarks.step_cost --quick --configs adam,kfac --out /tmp/kfax-bench-quick
+
+bench-autoencoder: $(BENCH_DEPS)
+	$(BENCH_ENV) $(BENCH_PYTHON) -m benchmarks.run --task autoencoder --budget-seconds 120 --optimizers "$(AUTOENCODER_OPTIMIZERS)" --tag "$(BENCH_TAG)"
+
+bench-step-cost: $(BENCH_DEPS)
+	$(BENCH_ENV) $(BENCH_PYTHON) -m benchmarks.step_cost --task autoencoder --steps 40 --repeats 3 --tag "$(BENCH_TAG)"
+	$(BENCH_ENV) $(BENCH_PYTHON) -m benchmarks.step_cost --task transformer --configs adam,muon,psgd,kfac,kfac_adaptive,kfac_adaptive+fused=True,kfac_jax --steps 40 --repeats 3 --tag "$(BENCH_TAG)"
+
+bench-transformer: $(BENCH_DEPS)
+	$(BENCH_ENV) $(BENCH_PYTHON) -m benchmarks.run --task transformer --budget-seconds 90 --optimizers "$(TRANSFORMER_OPTIMIZERS)" --tag "$(BENCH_TAG)"
+
+bench-scaling: $(BENCH_DEPS)
+	$(BENCH_ENV) $(BENCH_PYTHON) -m benchmarks.scaling --tag "$(BENCH_TAG)"
+
+# MNIST inside the checkout (ignored by git: *-ubyte.gz), for machines without ../shared, such
+# as the GPU machine (carry benchmarks/data/mnist there; benchmarks/gpu.sh finds it).
+bench-gpu-data:
+	mkdir -p benchmarks/data/mnist
+	cp ../shared/data/mnist/t10k-images-idx3-ubyte.gz ../shared/data/mnist/t10k-labels-idx1-ubyte.gz benchmarks/data/mnist/
 
 # Build and cache artefacts only; `distclean` also removes the three virtualenvs.
 clean:

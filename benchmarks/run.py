@@ -1,23 +1,25 @@
 """Training benchmark: loss against wall time and steps for several optimisers on one task.
 
-Usage (from the repository root, in the benchmark environment built by ``make bench-venv``)::
+Usage (from the repository root; see benchmarks/README.md for the environments)::
 
     .venv-bench/bin/python -m benchmarks.run --task autoencoder \\
-        --optimizers adam,sgd,kfac,kfac_homogeneous,ekfac,kfac_adaptive,kfac_jax \\
-        --budget-seconds 120 --batch-size 1000
+        --optimizers adam,muon,psgd,kfac,kfac_adaptive,kfac_jax --budget-seconds 120
 
 Every optimiser (every point of a learning-rate grid) trains from the same initial parameters on
 the same sequence of batches. The runs are interleaved in one process: each in turn takes
 ``--eval-every`` steps, so a change in machine load hits all of them alike. Each step is timed
 after the parameters are ready; compilation, batch transfer and the periodic evaluation of the
-full-training-set loss are not timed. A run stops at ``--budget-seconds`` of timed steps,
-``--steps`` steps, or when its loss diverges. The JSON record and a PNG figure are written to
-``--out`` (see benchmarks/README.md for their fields).
+reported loss are not timed. A run stops at ``--budget-seconds`` of timed steps, ``--steps``
+steps, or when its loss diverges. When the best learning rate of a grid is at the grid's edge,
+the grid is widened by one value beyond that edge and the new runs race in a further phase, up
+to ``--widen`` times; an edge that remains is reported. The JSON record and a PNG figure are
+written to ``--out`` (see benchmarks/README.md for their fields).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import itertools
 import json
@@ -36,18 +38,24 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.optimizers import (
+    ADAPTIVE,
     Runner,
+    Spec,
+    available,
     batch_stream,
     evaluator,
     expand,
-    kfac_jax_available,
     make_runner,
 )
-from benchmarks.tasks import TASKS, make_task
+from benchmarks.tasks import TASKS, Task, make_task
 
-DEFAULT_OPTIMIZERS = "adam,sgd,kfac,kfac_homogeneous,ekfac,kfac_adaptive,kfac_jax,kfac_jax_fixed"
+DEFAULT_OPTIMIZERS = "adam,muon,psgd,kfac,kfac_adaptive,kfac_jax,kfac_jax_fixed"
 DIVERGENCE_FACTOR = 100.0  # A loss this many times the first one counts as diverged.
 RESULTS = Path(__file__).resolve().parent / "results"
+# XLA:CPU's cheapest compilation (no LLVM optimisation, no fusion emitters): the smoke tests and
+# ``gpu.sh --quick`` check the harness, not speed, and compiling is most of their time.
+QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+PACKAGES = ("jax", "jaxlib", "optax", "kfax", "kfac-jax", "psgdax", "flax", "numpy")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,9 +72,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--budget-seconds", type=float, default=None, help="timed seconds per run")
     parser.add_argument("--steps", type=int, default=None, help="maximum steps per run")
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
-    parser.add_argument("--target", type=float, default=None, help="training loss to reach")
+    parser.add_argument("--target", type=float, default=None, help="reported loss to reach")
+    parser.add_argument(
+        "--widen",
+        type=int,
+        default=None,
+        help="phases that widen a grid whose best learning rate is at its edge (default 2; 0 "
+        "with --quick)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny model, data and budget")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
@@ -79,17 +94,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.budget_seconds = 20.0 if quick else 120.0
     if args.steps is None:
         args.steps = 10 if quick else 1_000_000
-    if args.batch_size is None:
-        args.batch_size = 64 if quick else 1000
-    if args.eval_every is None:
-        args.eval_every = 5 if quick else 10
+    if args.widen is None:
+        args.widen = 0 if quick else 2
     return args
+
+
+class _Quiet:
+    """A stand-in for ``tqdm`` where it is not installed."""
+
+    def __init__(self, iterable: Any = None, **_: Any):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __enter__(self) -> _Quiet:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        return None
+
+    def update(self, _: float) -> None:
+        return None
+
+
+def progress_bar(*args: Any, **kwargs: Any) -> Any:
+    """``tqdm(...)``, or a silent stand-in without tqdm."""
+    try:
+        from tqdm import tqdm  # noqa: PLC0415
+    except ImportError:
+        return _Quiet(*args, **kwargs)
+    return tqdm(*args, **kwargs)
+
+
+def task_defaults(args: argparse.Namespace, task: Task) -> None:
+    """Fills the batch size and evaluation interval from the task where not given."""
+    if args.batch_size is None:
+        args.batch_size = task.quick_batch_size if args.quick else task.batch_size
+    if args.eval_every is None:
+        args.eval_every = task.quick_eval_every if args.quick else task.eval_every
 
 
 def versions() -> dict[str, str | None]:
     """Installed versions of the packages that matter here."""
     found = {}
-    for name in ("jax", "jaxlib", "optax", "kfax", "kfac-jax", "flax", "numpy"):
+    for name in PACKAGES:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -119,7 +168,9 @@ def machine() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "python": sys.version.split()[0],
         "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
         "loadavg_start": list(os.getloadavg()),
         "env": {
             k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "XLA_FLAGS")
@@ -180,29 +231,56 @@ def train(
     return records, load
 
 
-def summarise(runs: list[dict], target: float | None) -> dict[str, dict]:
-    """Best run of each optimiser (lowest final training loss) and its time to ``target``."""
+def final_loss(run: dict) -> float:
+    """A run's last reported loss; infinite if it diverged or never evaluated."""
+    value = run["final_eval_loss"]
+    return math.inf if value is None or run["stop"] == "diverged" else value
+
+
+def grid_edge(members: list[dict]) -> str | None:
+    """``"low"`` or ``"high"`` when the best learning rate of a grid is at its edge, else None."""
+    rates = sorted({m["learning_rate"] for m in members if m["learning_rate"] is not None})
+    if len(rates) < 2:
+        return None
+    if all(math.isinf(final_loss(m)) for m in members):
+        return "low"  # every run diverged: look below the grid
+    best = min(members, key=final_loss)["learning_rate"]
+    return "low" if best == rates[0] else "high" if best == rates[-1] else None
+
+
+def widened(members: list[dict]) -> float | None:
+    """The next learning rate beyond the edge that holds a grid's best, or None."""
+    edge = grid_edge(members)
+    if edge is None:
+        return None
+    rates = sorted({m["learning_rate"] for m in members})
+    if edge == "low":
+        return rates[0] * rates[0] / rates[1]
+    return rates[-1] * rates[-1] / rates[-2]
+
+
+def summarise(runs: list[dict]) -> dict[str, dict]:
+    """Best run of each optimiser (lowest final reported loss) and its time to target."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
         groups.setdefault(run["group"], []).append(run)
-
-    def final(run: dict) -> float:
-        value = run["final_eval_loss"]
-        return math.inf if value is None or run["stop"] == "diverged" else value
-
-    best = {group: min(members, key=final) for group, members in groups.items()}
+    best = {group: min(members, key=final_loss) for group, members in groups.items()}
     base = {name: best[name]["median_step_ms"] for name in ("adam", "kfac_jax") if name in best}
     summary = {}
     for group, run in best.items():
+        rates = sorted(m["learning_rate"] for m in groups[group] if m["learning_rate"])
         entry = {
             "label": run["label"],
             "learning_rate": run["learning_rate"],
+            "grid": rates,
+            "best_at_edge": grid_edge(groups[group]),
             "final_eval_loss": run["final_eval_loss"],
             "steps": run["steps"],
             "median_step_ms": run["median_step_ms"],
             "compile_seconds": run["compile_seconds"],
             "state_bytes": run["state_bytes"],
             "to_target": run["to_target"],
+            "jax": jax.__version__,
         }
         for name, ms in base.items():
             entry[f"step_ratio_vs_{name}"] = round(run["median_step_ms"] / ms, 3)
@@ -247,7 +325,9 @@ def plot(record: dict, path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("training loss (thick: full set; faint: batch)")
+    axes[0].set_ylabel(
+        f"loss, {record.get('loss_unit', '')}\n(thick: evaluation set; faint: batch)"
+    )
     axes[1].legend(fontsize=7)
     s = record["settings"]
     load = record["machine"]["loadavg_start"][0], record["machine"]["loadavg_end"][0]
@@ -261,42 +341,23 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Runs the benchmark; returns the record it writes to ``<out>/<task>...json``."""
-    from tqdm import tqdm
-
-    args = parse_args(argv)
-    if args.replot:
-        record = json.loads(args.replot.read_text())
-        plot(record, args.replot.with_suffix(".png"))
-        return record
-    info = machine()
-    task = make_task(args.task, quick=args.quick, seed=args.seed)
-    specs = expand(args.optimizers, task, quick=args.quick)
-    skipped = []
-    if not kfac_jax_available():
-        skipped = [s.label for s in specs if s.family.startswith("kfac_jax")]
-        specs = [s for s in specs if not s.family.startswith("kfac_jax")]
-        if skipped:
-            warnings.warn(f"kfac-jax is not importable; skipping {skipped}", stacklevel=2)
-    if not specs:
-        raise ValueError("no optimiser to run")
-
+def race(
+    specs: list[Spec], task: Task, args: argparse.Namespace, evaluate, phase: int
+) -> tuple[list[dict], list[list[float]]]:
+    """Compiles the specs' runners and races them interleaved: one entry per run, and the
+    load averages ``[phase, seconds, 1-, 5-, 15-minute]`` after every round."""
     first_batch = _device(next(batch_stream(task, args.batch_size, args.seed)))
     runners = []
-    for spec in tqdm(specs, desc="compiling", leave=False):
+    for spec in progress_bar(specs, desc="compiling", leave=False):
         runner = make_runner(spec, task, args.seed)
         runner.start(task.params, first_batch)
         runners.append(runner)
     streams = [batch_stream(task, args.batch_size, args.seed) for _ in runners]
-    evaluate = evaluator(task, args.batch_size)
     total = len(runners) * args.budget_seconds
     bar = "{l_bar}{bar}| {n:.0f}/{total:.0f} timed s [{elapsed}<{remaining}]"
-    with tqdm(total=total, desc=args.task, bar_format=bar) as progress:
+    desc = args.task if phase == 0 else f"{args.task} (widened grids, phase {phase})"
+    with progress_bar(total=total, desc=desc, bar_format=bar) as progress:
         records, load = train(runners, streams, evaluate, args, progress)
-    info["loadavg_end"] = list(os.getloadavg())
-    info["loadavg_during"] = load
-
     runs = []
     for spec, runner, rec in zip(specs, runners, records, strict=True):
         steps = len(rec["loss"])
@@ -308,7 +369,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "group": spec.group,
                 "family": spec.family,
                 "learning_rate": spec.learning_rate,
-                "options": dict(spec.options),
+                "options": {k: repr(v) if callable(v) else v for k, v in spec.options},
+                "phase": phase,
                 "steps": steps,
                 "stop": rec["stop"],
                 "compile_seconds": round(runner.compile_seconds, 3),
@@ -323,6 +385,50 @@ def main(argv: list[str] | None = None) -> dict:
                 "eval_loss": eval_loss,
             }
         )
+    return runs, [[phase, *entry] for entry in load]
+
+
+def widen_grids(
+    runs: list[dict], specs: list[Spec], args: argparse.Namespace, task: Task, evaluate
+) -> tuple[list[dict], list[list[float]]]:
+    """Phases of extra runs beyond the edge of every grid whose best value sits there."""
+    load: list[list[float]] = []
+    for phase in range(1, args.widen + 1):
+        new = []
+        for group in dict.fromkeys(s.group for s in specs):
+            members = [r for r in runs if r["group"] == group]
+            family = members[0]["family"] if members else None
+            lr = None if family in ADAPTIVE else widened(members)
+            if lr is not None:
+                template = next(s for s in specs if s.group == group)
+                new.append(dataclasses.replace(template, learning_rate=float(f"{lr:.3g}")))
+        if not new:
+            break
+        print(f"widening: {', '.join(s.label for s in new)}", flush=True)
+        more, more_load = race(new, task, args, evaluate, phase)
+        runs, load = runs + more, load + more_load
+    return runs, load
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark; returns the record it writes to ``<out>/<task>...json``."""
+    args = parse_args(argv)
+    if args.replot:
+        record = json.loads(args.replot.read_text())
+        plot(record, args.replot.with_suffix(".png"))
+        return record
+    info = machine()
+    task = make_task(args.task, quick=args.quick, seed=args.seed)
+    task_defaults(args, task)
+    specs, skipped = available(expand(args.optimizers, task, quick=args.quick))
+    if not specs:
+        raise ValueError(f"no optimiser to run (skipped: {skipped})")
+    evaluate = evaluator(task, args.batch_size)
+    runs, load = race(specs, task, args, evaluate, phase=0)
+    runs, more_load = widen_grids(runs, specs, args, task, evaluate)
+    info["loadavg_end"] = list(os.getloadavg())
+    info["loadavg_during"] = load + more_load  # [phase, seconds, 1-, 5-, 15-minute load]
+
     target = args.target
     adam = [r for r in runs if r["group"] == "adam" and r["stop"] != "diverged"]
     if target is None and adam:
@@ -330,24 +436,39 @@ def main(argv: list[str] | None = None) -> dict:
     for run in runs:
         run["to_target"] = time_to_target(run, target)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    summary = summarise(runs)
+    edges = {g: e["best_at_edge"] for g, e in summary.items() if e["best_at_edge"]}
+    if edges:
+        warnings.warn(
+            f"best learning rate still at the grid's edge after widening: {edges}", stacklevel=2
+        )
     record = {
         "machine": info,
         "versions": versions(),
         "git_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(
+            ["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "settings": settings,
         "task_description": task.description,
+        "loss_unit": task.loss_unit,
         "param_bytes": sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(task.params)),
         "skipped": skipped,
         "target": target,
-        "target_rule": "--target" if args.target is not None else "best Adam final training loss",
-        "summary": summarise(runs, target),
+        "target_rule": "--target" if args.target is not None else "best Adam final reported loss",
+        "grid_edges": edges,
+        "summary": summary,
         "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{args.task}{'_quick' if args.quick else ''}_b{args.batch_size}{args.tag}"
     (args.out / f"{stem}.json").write_text(json.dumps(record, separators=(",", ":")))
     if not args.no_plot:
-        plot(record, args.out / f"{stem}.png")
+        try:
+            plot(record, args.out / f"{stem}.png")
+        except ImportError as error:  # matplotlib is optional
+            warnings.warn(f"no figure: {error}", stacklevel=2)
     print_summary(record)
     return record
 
@@ -355,8 +476,12 @@ def main(argv: list[str] | None = None) -> dict:
 def print_summary(record: dict) -> None:
     """A table of the best run of each optimiser."""
     target = record["target"]
-    print(f"\n{record['settings']['task']}: target training loss {target}")
-    print(f"{'optimiser':<40}{'final':>10}{'ms/step':>10}{'xAdam':>7}{'steps':>7}{'to target':>18}")
+    unit = record.get("loss_unit", "")
+    print(f"\n{record['settings']['task']}: target {target} ({unit})")
+    w = max([40, *(len(e["label"]) + 2 for e in record["summary"].values())])
+    print(
+        f"{'optimiser':<{w}}{'final':>10}{'ms/step':>10}{'xAdam':>7}{'steps':>7}{'to target':>18}"
+    )
     for e in sorted(record["summary"].values(), key=lambda e: e["median_step_ms"]):
         hit = e["to_target"]
         reach = f"{hit['seconds']:.1f} s/{hit['steps']} st" if hit else "-"
@@ -364,9 +489,12 @@ def print_summary(record: dict) -> None:
         final = e["final_eval_loss"]
         final_text = f"{final:.4g}" if final is not None else "-"
         print(
-            f"{e['label']:<40}{final_text:>10}{e['median_step_ms']:>10.1f}{ratio:>7.2f}"
+            f"{e['label']:<{w}}{final_text:>10}{e['median_step_ms']:>10.1f}{ratio:>7.2f}"
             f"{e['steps']:>7}{reach:>18}"
+            + (f"  best lr at the grid's {e['best_at_edge']} edge" if e["best_at_edge"] else "")
         )
+    for label, reason in record.get("skipped", {}).items():
+        print(f"{label:<{w}}skipped: {reason}")
 
 
 if __name__ == "__main__":

@@ -1,46 +1,172 @@
-"""Smoke tests of the benchmark suite: ``benchmarks.run --quick`` end to end, in-process."""
+"""Smoke tests of the benchmark suite: specs, grid widening, ``--quick`` runs, ``gpu.sh --quick``.
+
+Every task runs ``--quick`` with Adam, Muon, ``kfac(lr)`` and ``kfac(None)`` (and kfac-jax where
+it is installed): the autoencoder and the transformer inside ``gpu.sh --quick`` (which also
+runs the step cost and its breakdown), the other tasks in one ``benchmarks.run`` subprocess.
+Both subprocesses use XLA:CPU's cheapest compilation (``benchmarks.run.QUICK_XLA_FLAGS``):
+they check the harness's plumbing and records, not speed; compiling is most of their time.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import optax
 import pytest
 
 from benchmarks import optimizers, run
 
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_OPTIMIZERS = ["adam", "muon", "kfac", "kfac_adaptive"]
+OTHER_TASKS = ["mlp", "cnn", "deep_linear"]  # The autoencoder and transformer: gpu.sh --quick.
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("XLA_FLAGS", run.QUICK_XLA_FLAGS)
+    env["TQDM_DISABLE"] = "1"
+    return env
+
 
 def test_spec_parsing_and_grid_expansion():
-    spec = optimizers.parse("kfac+stats_batch_size=125+centered=False@0.03")
+    spec = optimizers.parse("kfac+stats_batch_size=125+centering='none'@0.03")
     assert spec.family == "kfac" and spec.learning_rate == 0.03
-    assert dict(spec.options) == {"stats_batch_size": 125, "centered": False}
-    assert spec.label == "kfac+stats_batch_size=125+centered=False@0.03"
+    assert dict(spec.options) == {"stats_batch_size": 125, "centering": "none"}
+    assert spec.label == "kfac+stats_batch_size=125+centering=none@0.03"
+    spec = optimizers.parse("kfac+block={'head': None, 'block_*': 'eigen'}+unmatched=adam*0.1@0.1")
+    assert dict(spec.options)["block"] == {"head": None, "block_*": "eigen"}
+    assert dict(spec.options)["unmatched"] == "adam*0.1"
+    texts = optimizers.split_specs("adam, kfac+block={'a': None, 'b': 'ekfac'}@0.1,muon")
+    assert texts == ["adam", "kfac+block={'a': None, 'b': 'ekfac'}@0.1", "muon"]
+    for text in ("muon@0.03", "psgd@1e-3", "sophia@1e-3", "ekfac@0.1", "kfac_homogeneous@0.1"):
+        assert optimizers.parse(text).label == text.replace("1e-3", "0.001")
     with pytest.raises(ValueError, match="chooses its own"):
         optimizers.parse("kfac_adaptive@0.1")
     with pytest.raises(ValueError, match="unknown optimiser"):
         optimizers.parse("lbfgs")
+    with pytest.raises(ValueError, match="key=value"):
+        optimizers.parse("kfac+damping")
 
 
-def test_quick_run_writes_a_record_with_finite_losses(tmp_path):
-    names = ["adam", "kfac"]
-    if optimizers.kfac_jax_available():
-        names.append("kfac_jax")
-    argv = ["--quick", "--task", "deep_linear", "--optimizers", ",".join(names)]
-    record = run.main([*argv, "--steps", "6", "--eval-every", "3", "--out", str(tmp_path)])
+def test_families_map_to_the_kfax_options():
+    def options(text):
+        return optimizers.kfax_options(optimizers.parse(text))
 
-    files = {p.name for p in tmp_path.iterdir()}
-    assert files == {"deep_linear_quick_b64.json", "deep_linear_quick_b64.png"}
-    saved = json.loads((tmp_path / "deep_linear_quick_b64.json").read_text())
-    assert saved["summary"].keys() == record["summary"].keys() == set(names)
-    for key in ("machine", "versions", "settings", "summary", "runs", "target"):
+    assert options("kfac@0.1") == {}
+    assert options("kfac_homogeneous@0.1") == {"centering": "none"}
+    assert options("kfac_eigen@0.1") == {"block": "eigen"}
+    assert options("ekfac@0.1") == {"block": "ekfac"}
+    assert options("kfac+unmatched=identity@0.1") == {"unmatched": None}
+    adam = options("kfac_adaptive+unmatched=adam")["unmatched"]
+    assert isinstance(adam, optax.GradientTransformation)
+    with pytest.raises(ValueError, match="unmatched"):
+        options("kfac+unmatched=lion@0.1")
+
+
+def test_grid_widening_moves_past_the_edge_that_holds_the_best():
+    def runs(losses):
+        return [
+            {"learning_rate": lr, "final_eval_loss": loss, "stop": "budget"}
+            for lr, loss in losses.items()
+        ]
+
+    inside = runs({1e-3: 3.0, 3e-3: 2.0, 1e-2: 2.5})
+    assert run.grid_edge(inside) is None and run.widened(inside) is None
+    high = runs({1e-3: 3.0, 3e-3: 2.0, 1e-2: 1.5})
+    assert run.grid_edge(high) == "high" and run.widened(high) == pytest.approx(1e-2 * 1e-2 / 3e-3)
+    low = runs({1e-3: 1.0, 3e-3: 2.0})
+    assert run.grid_edge(low) == "low" and run.widened(low) == pytest.approx(1e-3 / 3)
+    diverged = [{**r, "stop": "diverged"} if r["learning_rate"] > 1e-3 else r for r in high]
+    assert run.grid_edge(diverged) == "low"  # a diverged run is never the best
+    assert run.grid_edge([{**r, "stop": "diverged"} for r in high]) == "low"
+    assert run.grid_edge(runs({1e-3: 1.0})) is None
+
+
+def check_race(saved: dict, names: set[str], steps: int, eval_every: int) -> None:
+    """A ``benchmarks.run`` record: every optimiser ran ``steps`` finite steps, fields present."""
+    assert set(saved["summary"]) == names
+    for key in ("machine", "versions", "settings", "summary", "runs", "target", "date", "command"):
         assert key in saved
     assert len(saved["machine"]["loadavg_start"]) == 3
     assert saved["versions"]["jax"] and saved["versions"]["kfax"]
     for entry in saved["runs"]:
-        assert entry["steps"] == 6 and entry["stop"] == "steps"
-        assert len(entry["loss"]) == len(entry["time"]) == 6
-        assert all(v is not None and math.isfinite(v) for v in entry["loss"])
-        assert entry["eval_step"] == [0, 3, 6]
+        assert entry["steps"] == steps and entry["stop"] == "steps", entry["label"]
+        assert len(entry["loss"]) == len(entry["time"]) == steps
+        assert all(v is not None and math.isfinite(v) for v in entry["loss"]), entry["label"]
+        assert entry["eval_step"] == list(range(0, steps + 1, eval_every))
         assert entry["time"] == sorted(entry["time"]) and entry["compile_seconds"] > 0
         assert entry["state_bytes"] > 0
+    for entry in saved["summary"].values():
+        assert entry["jax"] == saved["versions"]["jax"] and entry["best_at_edge"] is None
     assert saved["summary"]["adam"]["to_target"] is not None  # The target is Adam's own loss.
+
+
+@pytest.fixture(scope="module")
+def quick_records(tmp_path_factory) -> Path:
+    """One subprocess runs ``benchmarks.run --quick`` on the other tasks."""
+    out = tmp_path_factory.mktemp("quick")
+    names = QUICK_OPTIMIZERS + (["kfac_jax"] if optimizers.kfac_jax_available() else [])
+    calls = [
+        [f"--task={task}", f"--optimizers={','.join(names)}", "--quick", "--steps=4"]
+        + ["--eval-every=2", f"--out={out}"]
+        + ([] if task == "mlp" else ["--no-plot"])
+        for task in OTHER_TASKS
+    ]
+    script = f"from benchmarks import run\nfor argv in {calls!r}:\n    run.main(argv)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("task", OTHER_TASKS)
+def test_quick_run_writes_a_record_with_finite_losses(quick_records, task):
+    path = quick_records / f"{task}_quick_b64.json"
+    saved = json.loads(path.read_text())
+    kfac_jax = {"kfac_jax"} if saved["versions"]["kfac-jax"] else set()
+    check_race(saved, set(QUICK_OPTIMIZERS) | kfac_jax, steps=4, eval_every=2)
+    if task == "mlp":
+        assert (quick_records / f"{path.stem}.png").exists()
+
+
+def test_gpu_script_runs_at_a_tiny_size_on_the_cpu(tmp_path):
+    env = {**_env(), "PYTHON": sys.executable}
+    env.pop("OUT", None)
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (path,) = tmp_path.glob("gpu_*_quick.json")
+    record = json.loads(path.read_text())
+    assert record["device"]["backend"] == "cpu" and record["device"]["jax"]
+    assert record["versions"]["jax"] == record["device"]["jax"] and record["quick"]
+    assert set(record["parts"]) == {"autoencoder_race", "autoencoder_step_cost", "transformer_race"}
+    assert not record["notes"], record["notes"]
+    for part in ("autoencoder_race", "transformer_race"):
+        race = {**record["parts"][part], "versions": record["versions"]}
+        check_race(race, set(QUICK_OPTIMIZERS), steps=4, eval_every=2)
+    transformer = record["parts"]["transformer_race"]
+    assert transformer["loss_unit"].startswith("nats per token")
+    assert 0.0 < transformer["target"] < math.log(256) + 1.0  # per token, not per window
+    cost = record["parts"]["autoencoder_step_cost"]
+    assert cost["steps"]["adam"]["amortised_ms"] > 0
+    pieces = cost["breakdown"]["pieces"]
+    for name in (
+        "statistics_pass",
+        "observe",
+        "refresh_factored",
+        "precondition",
+        "kfac_step_plain",
+    ):
+        assert pieces[name]["ms"] > 0, name

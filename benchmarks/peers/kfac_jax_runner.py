@@ -9,15 +9,10 @@ jax 0.9.2 and 0.10.x, ``Optimizer.init`` still succeeds, but the first
 ``kfac_jax/_src/tag_graph_matcher.py`` in ``eval_jaxpr_eqn``, which does
 ``subfuns, bind_params = eqn.primitive.get_bind_params(eqn.params)``. Newer
 JAX changed what ``Primitive.get_bind_params`` returns. kfac-jax therefore
-cannot share kfax's environment. Run this module from a separate venv, for
-example::
-
-    python3 -m venv /work/benchvenv
-    /work/benchvenv/bin/pip install jax==0.9.0.1 jaxlib==0.9.0.1 \
-        kfac-jax==0.0.8 optax "flax<0.12.7"
-
-(flax >= 0.12.7 needs jax >= 0.10, so pip resolves flax to 0.12.6 there.
-optax 0.2.8 works with jax 0.9.0.1.) kfac-jax does not need dm-haiku. Only
+cannot share kfax's environment. Run this module in the benchmark
+environment, ``.venv-bench`` (``make bench-venv``: jax 0.9.0.1, kfac-jax 0.0.8,
+psgdax, kfax installed -e; flax >= 0.12.7 needs jax >= 0.10, so pip resolves
+flax to 0.12.6 there; optax 0.2.8 works with jax 0.9.0.1). kfac-jax does not need dm-haiku. Only
 its examples use it. ``kfac_jax`` is imported lazily inside
 :func:`make_kfac_jax`, so importing this module never fails.
 
@@ -41,7 +36,10 @@ registrations assume when ``weight`` is 1:
   NLL). For an autoencoder the targets are the inputs. If ``targets`` is
   ``None``, the inputs are used.
 * ``"softmax_xent"``: ``mean_b [logsumexp(z) - z[label]]`` with integer labels
-  and logits of shape ``(B, C)``.
+  and logits of shape ``(B, C)``; for logits ``(B, T, C)`` (a language model) the
+  per-example loss is summed over the ``T`` positions, as in kfax. The logits are
+  registered as ``B * T`` rows: kfac-jax sums the curvature over registered rows
+  and divides by the data batch size ``B``, which gives the same normalisation.
 * ``"squared"``: ``mean_b squared_error_scale * sum_d (y - t)^2``. The default
   scale is 0.5, the unit-variance Gaussian NLL without its constant. It is
   registered with ``weight=squared_error_scale``, because kfac-jax's
@@ -102,8 +100,9 @@ def _sigmoid_xent(logits, targets):
 
 def _softmax_xent(logits, labels):
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    label_logits = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-    return jnp.mean(log_z - label_logits)
+    label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    per = (log_z - label_logits).reshape(logits.shape[0], -1)
+    return jnp.mean(jnp.sum(per, axis=1))
 
 
 def _squared(pred, targets, scale):
@@ -139,13 +138,14 @@ def make_loss_fn(
                 kfac_jax.register_sigmoid_cross_entropy_loss(out, targets)
             return _sigmoid_xent(out, targets)
         if loss_kind == "softmax_xent":
-            if out.ndim != 2 or targets.ndim != 1:
+            if out.shape[:-1] != targets.shape:
                 raise ValueError(
-                    "softmax_xent expects logits (B, C) and int labels "
-                    f"(B,); got {out.shape} and {targets.shape}"
+                    "softmax_xent expects logits (B, ..., C) and int labels "
+                    f"(B, ...); got {out.shape} and {targets.shape}"
                 )
             if register:
-                kfac_jax.register_softmax_cross_entropy_loss(out, targets)
+                rows = out.reshape(-1, out.shape[-1])
+                kfac_jax.register_softmax_cross_entropy_loss(rows, targets.reshape(-1))
             return _softmax_xent(out, targets)
         # squared
         if register:

@@ -1,8 +1,9 @@
 """Smoke test of the kfac-jax peer adapter on a small MNIST autoencoder.
 
-Run it from the repository root with the kfac-jax venv (jax 0.9.0.1):
+Run it from the repository root in the benchmark environment (``make bench-venv``; jax
+0.9.0.1)::
 
-    /work/benchvenv/bin/python benchmarks/peers/smoke_kfac_jax.py [--steps 30]
+    .venv-bench/bin/python benchmarks/peers/smoke_kfac_jax.py [--steps 30]
 
 The model is a 784-256-64-256-784 MLP with tanh on every hidden layer and
 Bernoulli logits at the output. Its loss is the mean over the batch of the
@@ -16,7 +17,6 @@ steps after the warm-up.
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import sys
 import time
@@ -33,20 +33,18 @@ import optax  # noqa: E402
 
 from benchmarks.peers import kfac_jax_runner  # noqa: E402
 
-MNIST = "/work/shared/data/mnist/t10k-images-idx3-ubyte.gz"
 SIZES = (784, 256, 64, 256, 784)
 
 
-def load_images(path=MNIST, n=None):
-    """MNIST images as float32 in [0, 1], shape (N, 784), or None if missing."""
-    if not os.path.exists(path):
+def load_images(n=None):
+    """MNIST images as float32 in [0, 1], shape (N, 784), or None if MNIST is absent
+    (``examples.data``: ``$KFAX_MNIST_DIR`` or ``../shared/data/mnist``)."""
+    from examples import data  # noqa: PLC0415
+
+    root = data.default_mnist_dir()
+    if not (root / "t10k-images-idx3-ubyte.gz").is_file():
         return None
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    magic, count, rows, cols = np.frombuffer(raw[:16], dtype=">i4")
-    assert magic == 2051, magic
-    x = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(count, rows * cols)
-    x = x.astype(np.float32) / 255.0
+    x = data.load_mnist(root).images
     return x if n is None else x[:n]
 
 
