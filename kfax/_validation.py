@@ -14,11 +14,14 @@ from typing import Any
 import jax
 import numpy as np
 
+TRACED = object()  # what `concrete` returns for a value only known when the program runs
+
 
 def concrete(value: Any) -> Any:
-    """A Python number for a concrete scalar (number, NumPy or JAX array); ``None`` if traced."""
+    """A Python number for a concrete scalar (number, NumPy or JAX array); ``TRACED`` if
+    traced."""
     if isinstance(value, jax.core.Tracer):
-        return None
+        return TRACED
     if isinstance(value, (np.ndarray, np.generic, jax.Array)):
         if np.ndim(value) != 0:
             return value
@@ -32,7 +35,7 @@ def _is_number(value: Any) -> bool:
 
 def _number(name: str, value: Any, what: str) -> float | None:
     value = concrete(value)
-    if value is None:
+    if value is TRACED:
         return None
     if not _is_number(value):
         raise ValueError(f"{name} must be {what}, got {value!r}.")
@@ -72,7 +75,7 @@ def in_unit_interval(name: str, value: Any, *, closed_top: bool = False) -> None
 def count(name: str, value: Any) -> None:
     """A positive integer (a traced integer passes)."""
     value = concrete(value)
-    if value is None:
+    if value is TRACED:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -93,7 +96,7 @@ def static_count(name: str, value: Any) -> int | None:
 
 def integer(name: str, value: Any) -> None:
     value = concrete(value)
-    if value is None:
+    if value is TRACED:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}.")

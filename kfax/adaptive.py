@@ -121,8 +121,10 @@ def _warn_gradient_scale(scale) -> None:
 def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, rule):
     """One step of :func:`quadratic_model_step` (compiled once per wrapped preconditioner)."""
     preconditioner, apply_fn, loss, adaptive_damping, axis_name = static
-    damping_every, min_damping, max_damping = rule
-    lam = state.damping
+    damping_every, min_damping, max_damping, fixed_damping = rule
+    # Levenberg-Marquardt owns the damping in the state; without it the option (which
+    # optax.inject_hyperparams may change between steps) is the damping.
+    lam = state.damping if adaptive_damping else jnp.asarray(fixed_damping, state.damping.dtype)
     direction, inner = preconditioner.update(
         grads,
         state.inner,
@@ -250,7 +252,7 @@ def quadratic_model_step(
                 "the adaptive step (kfax.kfac(None, ...) / quadratic_model_step) needs params, "
                 "inputs=... and targets=... in update: it evaluates the loss on the batch."
             )
-        rule = (damping_every, min_damping, max_damping)
+        rule = (damping_every, min_damping, max_damping, damping)
         return _adaptive_step(
             (preconditioner, apply_fn, loss, adaptive_damping, axis_name),
             grads,

@@ -350,7 +350,8 @@ class SoftmaxCrossEntropy(_Base):
         if not jnp.issubdtype(targets.dtype, jnp.integer):
             return jnp.sum(targets.astype(outputs.dtype), axis=-1)
         valid = (targets >= 0) & (targets < outputs.shape[-1])
-        weights = jnp.where(valid, 1.0, jnp.nan).astype(outputs.dtype)
+        # NaN only where a label is out of range (sqrt(-1)): no NaN exists for valid labels.
+        weights = jnp.sqrt(jnp.where(valid, 1.0, -1.0)).astype(outputs.dtype)
         if self.ignore_index is None:
             return weights
         return jnp.where(targets == self.ignore_index, 0.0, weights).astype(outputs.dtype)

@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from kfax import _capture, _layers, _tracing
+from kfax import _capture, _layers, _tracing, _validation
 from kfax.losses import Loss
 
 KINDS = ("mc", "exact", "empirical")
@@ -106,9 +107,15 @@ def check_samples(samples: Any) -> int:
             "samples sets array shapes and cannot be a traced value: pass it as a Python int "
             "(with optax.inject_hyperparams, list 'samples' in static_args)."
         )
-    if isinstance(samples, bool) or not float(samples).is_integer() or samples < 1:
+    value = _validation.concrete(samples)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not float(value).is_integer()
+        or value < 1
+    ):
         raise ValueError(f"samples must be a positive integer, got {samples!r}.")
-    return int(samples)
+    return int(value)
 
 
 def output_cotangents(
