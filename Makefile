@@ -4,14 +4,14 @@
 PYTHON ?= python3
 OLDJAX := 0.9.0.1
 # Tests run in the old-JAX environment (make test-oldjax OLDJAX_TESTS="tests/...").
-OLDJAX_TESTS ?= tests/test_tracing.py tests/test_capture.py tests/test_transform.py
+OLDJAX_TESTS ?= tests/test_tracing.py tests/test_capture.py tests/test_transform.py tests/test_layers_scan.py
 PYTEST_ARGS ?=
 
 VENV := .venv
 VENV_OLDJAX := .venv-oldjax
 VENV_BENCH := .venv-bench
 
-.PHONY: venv demo test lint format test-oldjax bench-venv clean distclean
+.PHONY: venv demo test notebooks lint format test-oldjax bench-venv clean distclean
 .PHONY: bench-quick bench-autoencoder bench-step-cost bench-transformer bench-scaling bench-gpu-data
 
 venv: $(VENV)/.installed
@@ -29,6 +29,12 @@ demo: venv
 test: venv
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
 	$(VENV)/bin/python -m pytest tests/multidevice -n 2 --dist loadfile -q $(PYTEST_ARGS)
+
+# Only the research notebooks (tests/test_notebooks.py, also part of `make test`): each runs in a
+# fresh kernel, asserts its conclusions and saves its figures to notebooks/figures/; prints each
+# one's time. KFAX_MNIST_DIR=/nonexistent make notebooks runs them on the digits fallback.
+notebooks: venv
+	$(VENV)/bin/python -m pytest tests/test_notebooks.py -p no:xdist -s --durations=0 -q $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -5,6 +5,18 @@ a pullback that maps an output cotangent to the parameter gradient and to the co
 layer's output. The forward pass runs once; the pullback may be applied to many cotangents
 (the loss gradient, sampled targets, columns of the curvature square root). It knows nothing of
 losses, statistics or optimisers.
+
+Layer inputs and cotangents are in the canonical layout of :mod:`kfax.layers.layout` (rows
+example-major, features last; a stack of layers on leading axes). When the model has
+``"parameter"`` layers (tied or reused weights, unknown primitives), whose tap gives the gradient
+summed over the batch, the cotangents of those taps are pulled back from the output cotangent
+with each example's share multiplied by a random sign ``eps_n``: ``E[(sum_n eps_n v_n)^2] =
+sum_n v_n^2`` makes the square of such a cotangent unbiased for the sum of the examples' squares,
+whatever the curvature kind. Without parameter gradients (``param_gradients=False``, the
+statistics pass) the whole pullback is signed, which leaves every per-example statistic
+(``g g^T``, per-example gradients) unchanged; with them, the parameter taps come from a second,
+signed pullback and everything else is exact. The signs come from a key the statistics pass
+splits from the step's key, one per cotangent column.
 """
 
 from __future__ import annotations
@@ -23,9 +35,11 @@ class Capture(NamedTuple):
 
     Attributes:
       outputs: the model outputs (a single array).
-      layer_inputs: ``{layer_name: input activation}``.
+      layer_inputs: ``{layer_name: input activation}`` (canonical layout; ``None`` for a layer
+        whose taps record no input).
       pullback: ``cotangent -> (param_gradient, {layer_name: output cotangent})``, linear in the
-        cotangent, which has the shape of ``outputs``.
+        cotangent, which has the shape of ``outputs``. A layer with several taps (a scale and
+        its shift) gets a tuple of cotangents.
       layers: the layer sites found by tracing.
     """
 
@@ -36,7 +50,7 @@ class Capture(NamedTuple):
 
 
 class NoLayersError(ValueError):
-    """Raised when tracing a model finds no dense or convolution layer."""
+    """Raised when tracing a model finds no parameter to precondition."""
 
 
 def trace_layers(apply_fn: Callable, params: Any, inputs: Any) -> _tracing.Trace:
@@ -53,7 +67,8 @@ def trace_layers(apply_fn: Callable, params: Any, inputs: Any) -> _tracing.Trace
         complex, or ``apply_fn`` does not return a single array. kfax preconditions real
         parameters and real outputs only; real and imaginary parts can be trained as separate
         real parameters.
-      NoLayersError: no dense or convolution layer was found.
+      NoLayersError: no parameter of ``apply_fn`` has a gradient (every one is non-floating,
+        complex or unused).
     """
     traced = _tracing.cached_trace(apply_fn, params, inputs)
     if traced.complex_leaves:
@@ -86,8 +101,8 @@ def trace_layers(apply_fn: Callable, params: Any, inputs: Any) -> _tracing.Trace
     if not traced.layers:
         listing = "; ".join(f"{p}: {why}" for p, why in traced.unmatched) or "no parameters"
         raise NoLayersError(
-            "kfax found no dense or convolution layer in apply_fn: no parameter is consumed by "
-            f"a matrix product or convolution. Parameters seen: {listing}."
+            "kfax found no layer in apply_fn: no floating-point parameter is used by it. "
+            f"Parameters seen: {listing}."
         )
     return traced
 
@@ -110,7 +125,8 @@ def capture(
         traced = trace_layers(apply_fn, params, inputs)
     leaves = jax.tree_util.tree_leaves(params)
     input_leaves = jax.tree_util.tree_leaves(inputs)
-    zeros = {site.name: jnp.zeros(site.output_shape, site.output_dtype) for site in traced.layers}
+    zeros = {site.name: site.zeros() for site in traced.layers}
+    signed = [site.name for site in traced.layers if site.kind == "parameter"]
 
     def tapped(leaves, perturbations):
         outputs, layer_inputs = _tracing.tapped_call(traced, leaves, input_leaves, perturbations)
@@ -121,11 +137,28 @@ def capture(
     else:
         outputs, vjp_fn, layer_inputs = jax.vjp(lambda z: tapped(leaves, z), zeros, has_aux=True)
 
-    def pullback(cotangent):
-        cotangents = vjp_fn(jnp.asarray(cotangent, outputs.dtype))
+    def pullback(cotangent, signs_key=None):
+        cotangent = jnp.asarray(cotangent, outputs.dtype)
+        if signed and not param_gradients:
+            cotangent = cotangent * example_signs(signs_key, cotangent)
+        cotangents = vjp_fn(cotangent)
         if not param_gradients:
             return None, cotangents[0]
         leaf_grads, layer_cotangents = cotangents
+        if signed:  # the parameter taps from a second, signed pullback; the rest exact
+            with_signs = vjp_fn(cotangent * example_signs(signs_key, cotangent))[1]
+            layer_cotangents = {**layer_cotangents, **{n: with_signs[n] for n in signed}}
         return jax.tree_util.tree_unflatten(traced.param_treedef, leaf_grads), layer_cotangents
 
     return Capture(outputs, layer_inputs, pullback, traced.layers)
+
+
+def example_signs(key: jax.Array | None, cotangent: jax.Array) -> jax.Array:
+    """Random signs, one per example (Rademacher, from ``key``), broadcastable against
+    ``cotangent``. The statistics pass gives each cotangent column a key of its own, split from
+    the step's key, so the signs differ between columns and between steps and are the same with
+    and without ``jit``; without a key (a gradient-only pullback) a fixed key is used."""
+    if key is None:
+        key = jax.random.key(0)
+    signs = jax.random.rademacher(key, (cotangent.shape[0],), dtype=cotangent.dtype)
+    return signs.reshape((-1,) + (1,) * (cotangent.ndim - 1))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from kfax import _capture, _tracing, _trees
-from kfax.blocks import Block, choose_block, make_block
+from kfax.blocks import DEFAULT_MAX_FACTOR_SIZE, Block, choose_block, make_block
 from kfax.losses import Loss
 
 
@@ -59,13 +59,16 @@ class Plan:
         return _trees.floating_dtype(params)
 
     def warn_about_suspect_biases(self, warn: Callable[..., None]) -> None:
+        """Warn about suspect biases and about parameters that unknown primitives use."""
         for bias_path, layer in getattr(self.traced, "suspect_biases", ()):
             warn(
                 f"kfax: parameter {bias_path!r} looks like the bias of layer {layer!r} but is not "
                 "added directly to its output, so K-FAC treats the layer as bias-free and "
-                f"{bias_path!r} gets the `unmatched` transform (see kfax.describe).",
+                f"{bias_path!r} gets a block of its own (see kfax.describe).",
                 stacklevel=3,
             )
+        for message in getattr(self.traced, "warnings", ()):
+            warn(message, stacklevel=3)
 
     def check_state(self, state: Any, params: Any) -> None:
         """The state must have been built for these layers and these parameters."""
@@ -106,13 +109,14 @@ def public_layer(site: _tracing.LayerSite) -> Any:
 
 
 def assign_blocks(
-    traced: _tracing.Trace, block: Any, centering: str
+    traced: _tracing.Trace, block: Any, centering: str, **options: Any
 ) -> tuple[tuple[_tracing.LayerSite, Block | None], ...]:
-    """Every layer with the block the choice gives it (``None``: no curvature)."""
+    """Every layer with the block the choice gives it (``None``: no curvature); ``options``
+    (``weight_sharing``, ``max_factor_size``) reach the blocks that take them."""
     pairs = []
     for site in traced.layers:
         name = choose_block(site, public_layer(site) if callable(block) else None, block)
-        pairs.append((site, None if name is None else make_block(site, name, centering)))
+        pairs.append((site, None if name is None else make_block(site, name, centering, **options)))
     return tuple(pairs)
 
 
@@ -128,12 +132,16 @@ def make_plan(
     centering: str,
     others: optax.GradientTransformation,
     axis_name: Any = None,
+    weight_sharing: str = "expand",
+    max_factor_size: int | None = None,
 ) -> Plan:
     """Trace ``apply_fn`` (cached) and give every layer its block."""
     traced = _capture.trace_layers(apply_fn, params, inputs)
-    blocks = tuple(
-        (site.name, b) for site, b in assign_blocks(traced, block, centering) if b is not None
-    )
+    if max_factor_size is None:
+        max_factor_size = DEFAULT_MAX_FACTOR_SIZE
+    options = dict(weight_sharing=weight_sharing, max_factor_size=max_factor_size)
+    pairs = assign_blocks(traced, block, centering, **options)
+    blocks = tuple((site.name, b) for site, b in pairs if b is not None)
     if not blocks:
         raise _capture.NoLayersError(
             "block= leaves no layer to precondition: every layer was mapped to None."

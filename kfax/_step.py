@@ -76,13 +76,18 @@ def _signature(block: Any, args: tuple) -> tuple:
     return (type(block), fields, site.geometry, site.bias_path is None, treedef, shapes)
 
 
-def map_layers(plan: Plan, fn: Callable, *per_layer: dict) -> dict:
+def map_layers(plan: Plan, fn: Callable, *per_layer: dict, batched: bool = True) -> dict:
     """``{name: fn(block, *args)}`` for every layer, where ``args`` are each layer's entries of
     ``per_layer``. Layers with the same block configuration and argument shapes (the mirrored
     layers of an autoencoder, every block of a transformer) are stacked and run as one
     ``jax.vmap``-ed computation: one batched Cholesky, eigendecomposition or product instead of
     one per layer, and a compiled program that grows with the number of distinct layer shapes,
-    not with depth."""
+    not with depth. ``batched=False`` runs every layer on its own."""
+    if not batched:
+        return {
+            name: fn(block, *(tree[name] for tree in per_layer))
+            for name, block in plan.blocks_in_order
+        }
     groups: dict[tuple, list[tuple[str, Any]]] = {}
     for name, block in plan.blocks_in_order:
         args = tuple(tree[name] for tree in per_layer)
@@ -113,7 +118,11 @@ def _refresh(plan: Plan, stats, curvature, health, damping):
         failed = layer_health.failed_refreshes + (has_data & ~ok).astype(jnp.int32)
         return fresh, layer_health._replace(failed_refreshes=failed)
 
-    both = map_layers(plan, one, stats, curvature, health)
+    # Factorised layer by layer: batched (vmapped) Cholesky and LU factorisations inside the
+    # step of a transformer deadlock XLA's CPU runtime now and then (JAX 0.10.2; the test
+    # tests/test_transformer.py::test_padded_batches... hung in one run of two), while the
+    # per-layer ones never did. Statistics and preconditioning stay batched.
+    both = map_layers(plan, one, stats, curvature, health, batched=False)
     return {n: v[0] for n, v in both.items()}, {n: v[1] for n, v in both.items()}
 
 

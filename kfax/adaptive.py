@@ -96,9 +96,13 @@ def _quadratic_terms(apply_fn, loss, params, inputs, targets, where, tangents, l
 
 def _solve(b: jax.Array, m: jax.Array, has_previous: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(alpha, mu)`` minimising ``b . x + 1/2 x^T M x``; ``mu = 0`` without a previous update
-    or when the 2x2 system is singular."""
+    or when the 2x2 system is singular to working precision: ``det / (M00 M11)`` is
+    ``1 - cos^2`` of the angle between the new direction and the previous update in the
+    metric ``M``, and below ``100 eps`` (float32: 1.2e-5) it is rounding, whose solution
+    would be an arbitrary split between ``alpha`` and ``mu``."""
     det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
-    use_two = has_previous & (det > 1e-12 * jnp.abs(m[0, 0] * m[1, 1]))
+    tolerance = 100 * jnp.finfo(m.dtype).eps
+    use_two = has_previous & (det > tolerance * jnp.abs(m[0, 0] * m[1, 1]))
     safe_det = jnp.where(use_two, det, 1.0)
     alpha_two = (-b[0] * m[1, 1] + b[1] * m[0, 1]) / safe_det
     mu_two = (b[0] * m[0, 1] - b[1] * m[0, 0]) / safe_det
@@ -145,9 +149,11 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
     step = jax.tree.map(lambda d, p: (alpha * d + mu * p).astype(d.dtype), delta, previous)
     x = jnp.stack([alpha, mu])
     predicted = b @ x + 0.5 * x @ m @ x  # the undamped model: rho compares the loss with it
-    scale = _trees.vdot(grads, delta) / jnp.where(b[0] != 0, b[0], 1.0)
+    along = _trees.vdot(grads, delta)
+    scale = along / jnp.where(b[0] != 0, b[0], 1.0)
+    # A zero gradient (optax.MultiSteps between its applying steps) says nothing of the scale.
     jax.lax.cond(
-        jnp.abs(scale - 1) > _SCALE_TOLERANCE,
+        (along != 0) & (jnp.abs(scale - 1) > _SCALE_TOLERANCE),
         lambda: jax.debug.callback(_warn_gradient_scale, scale),
         lambda: None,
     )
@@ -252,6 +258,7 @@ def quadratic_model_step(
                 "the adaptive step (kfax.kfac(None, ...) / quadratic_model_step) needs params, "
                 "inputs=... and targets=... in update: it evaluates the loss on the batch."
             )
+        _check_same_shapes(state.previous_update, params)
         rule = (damping_every, min_damping, max_damping, damping)
         return _adaptive_step(
             (preconditioner, apply_fn, loss, adaptive_damping, axis_name),
@@ -266,3 +273,22 @@ def quadratic_model_step(
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_same_shapes(previous_update: Any, params: Any) -> None:
+    """The stored previous update has the shapes of the parameters at ``init``."""
+    old, old_tree = jax.tree_util.tree_flatten_with_path(previous_update)
+    new, new_tree = jax.tree_util.tree_flatten_with_path(params)
+    if old_tree != new_tree:
+        raise ValueError(
+            "params do not match the K-FAC state (the adaptive step's): the parameter tree "
+            "changed since "
+            f"init (state built for {old_tree}, params are {new_tree})."
+        )
+    for (path, a), (_, b) in zip(old, new, strict=True):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ValueError(
+                f"params do not match the K-FAC state (the adaptive step's): parameter "
+                f"{jax.tree_util.keystr(path)!r} has shape {jnp.shape(b)}, but the state was "
+                f"built for shape {jnp.shape(a)}."
+            )

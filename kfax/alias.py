@@ -28,9 +28,19 @@ DEFAULT_DAMPING_EVERY = 5
 DEFAULT_MIN_DAMPING = 1e-8
 
 
-def _check_mode(adaptive: bool, momentum, norm_constraint, adaptive_damping, extra) -> None:
+def _check_mode(
+    adaptive: bool, momentum, norm_constraint, adaptive_damping, extra, damping=None
+) -> None:
     """Options that only one mode uses are errors in the other, naming both options."""
+    if adaptive_damping is not None and not isinstance(adaptive_damping, bool):
+        raise ValueError(f"adaptive_damping must be True, False or None, got {adaptive_damping!r}.")
     if adaptive:
+        if callable(damping):
+            raise ValueError(
+                f"damping={damping!r} is a schedule, but with learning_rate=None the adaptive "
+                "step sets the damping itself (Levenberg-Marquardt, starting from a number). "
+                "Pass a number as damping, or pass a learning rate to follow a damping schedule."
+            )
         for name, value in (("momentum", momentum), ("norm_constraint", norm_constraint)):
             if value is not None:
                 raise ValueError(
@@ -84,6 +94,8 @@ def kfac(
     unmatched: optax.GradientTransformation | None = None,
     seed: int = 0,
     axis_name: str | None = None,
+    weight_sharing: str = "expand",
+    max_factor_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC with a learning rate and momentum, or with the adaptive step of Martens & Grosse.
 
@@ -108,7 +120,8 @@ def kfac(
       norm_constraint: the bound ``c`` of the norm constraint (fixed learning rate only).
       adaptive_damping, damping_every, min_damping: the Levenberg-Marquardt rule (adaptive only).
       block, centering, kind, samples, ema_decay, stats_every, inverse_every, stats_batch_size,
-        batch_axes, unmatched, seed, axis_name: passed to :func:`kfax.scale_by_kfac`.
+        batch_axes, unmatched, seed, axis_name, weight_sharing, max_factor_size: passed to
+        :func:`kfax.scale_by_kfac`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, inputs,
@@ -131,7 +144,7 @@ def kfac(
     """
     adaptive = learning_rate is None
     extra = {"damping_every": damping_every, "min_damping": min_damping}
-    _check_mode(adaptive, momentum, norm_constraint, adaptive_damping, extra)
+    _check_mode(adaptive, momentum, norm_constraint, adaptive_damping, extra, damping)
     preconditioner = scale_by_kfac(
         apply_fn,
         loss,
@@ -149,6 +162,8 @@ def kfac(
         unmatched=unmatched,
         seed=seed,
         axis_name=axis_name,
+        weight_sharing=weight_sharing,
+        max_factor_size=max_factor_size,
     )
     if adaptive:
         return quadratic_model_step(
@@ -167,6 +182,7 @@ def kfac(
     if norm_constraint is None or norm_constraint is True:
         norm_constraint = DEFAULT_NORM_CONSTRAINT
     if norm_constraint is not False:
+        _validation.positive("norm_constraint", norm_constraint)
         preconditioner = norm_constrained(preconditioner, norm_constraint, learning_rate)
     return optax.chain(
         preconditioner,

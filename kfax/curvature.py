@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 
 from kfax import _capture, _validation, statistics
-from kfax.blocks.kronecker import CENTERINGS, input_factor
+from kfax.blocks.kronecker import CENTERINGS, WEIGHT_SHARINGS, batch_moments, input_factor
 from kfax.losses import Loss, check_loss
 
 
@@ -42,6 +42,7 @@ def kronecker_factors(
     kind: str = "mc",
     samples: int | None = None,
     centering: str = "exact",
+    weight_sharing: str = "expand",
 ) -> Callable[..., dict[str, Factors]]:
     """Transform ``apply_fn`` into a function returning each layer's Kronecker factors.
 
@@ -61,6 +62,13 @@ def kronecker_factors(
       samples: targets sampled per input for ``kind="mc"`` (default 1).
       centering: ``"exact"`` (default, as the optimiser) or ``"simple"`` give the centred
         covariance for layers with a bias; ``"none"`` gives the homogeneous factor.
+      weight_sharing: ``"expand"`` (default) or ``"reduce"`` (Eschenhagen et al. 2023): ``A``
+        from each example's mean input over its positions and ``B`` from each example's summed
+        output cotangents.
+
+    Only dense and convolution layers have Kronecker factors here (one layer each; a stack of
+    layers from a scan is left out); embeddings, scales and shifts and whole parameters have
+    blocks of their own (:mod:`kfax.blocks`).
 
     Returns:
       ``fn(params, inputs, *, targets=None, where=None, key=None) -> {layer_name: Factors}``;
@@ -89,6 +97,7 @@ def kronecker_factors(
     statistics.check_kind(kind)
     samples = statistics.check_samples(samples)
     _validation.choice("centering", centering, CENTERINGS)
+    _validation.choice("weight_sharing", weight_sharing, WEIGHT_SHARINGS)
 
     def factors_fn(params, inputs, *, targets=None, where=None, key=None) -> dict[str, Factors]:
         if kind == "mc" and key is None:
@@ -111,14 +120,14 @@ def kronecker_factors(
         )
         factors = {}
         for site in batch.sites:
+            if site.geometry.kind not in ("dense", "conv") or site.stack_shape:
+                continue
             capture = batch.layers[site.name]
-            moments = statistics.input_moments(site.geometry, capture)
+            moments, output = batch_moments(site, capture, weight_sharing)
             a = input_factor(
                 moments.mean, moments.covariance, site.bias_path is not None, centering
             )
-            factors[site.name] = Factors(
-                a, moments.mean, statistics.output_moment(site.geometry, capture)
-            )
+            factors[site.name] = Factors(a, moments.mean, output)
         return factors
 
     return factors_fn

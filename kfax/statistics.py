@@ -236,6 +236,9 @@ def statistics_pass(
     )
 
 
+_SIGNS_STREAM = 0x5349  # folds the step's key into a stream of its own for the signs
+
+
 def pass_from_capture(
     tapped: _capture.Capture,
     loss: Loss,
@@ -255,7 +258,12 @@ def pass_from_capture(
     columns, scale = output_cotangents(
         loss, kind, tapped.outputs, kappa, targets=targets, where=where, key=key, samples=samples
     )
-    cotangents = jax.vmap(lambda u: tapped.pullback(u)[1])(columns)
+    # Per-column keys for the random signs of "parameter" layers (kfax._capture.example_signs).
+    signs_keys = jax.random.split(
+        jax.random.fold_in(jax.random.key(0) if key is None else key, _SIGNS_STREAM),
+        columns.shape[0],
+    )
+    cotangents = jax.vmap(lambda u, k: tapped.pullback(u, k)[1])(columns, signs_keys)
     batch = tapped.outputs.shape[0]
     layers = {
         site.name: LayerCapture(
@@ -392,6 +400,7 @@ def check_batch_axes(batch_axes: Any, inputs: Any) -> None:
     """``batch_axes`` must be a pytree prefix of the inputs holding only 0 and None."""
     if batch_axes is None:
         return
+    check_batch_axes_entries(batch_axes)
     try:
         axes = jax.tree.broadcast(batch_axes, inputs, is_leaf=lambda a: a is None)
     except (ValueError, TypeError) as error:
@@ -401,3 +410,16 @@ def check_batch_axes(batch_axes: Any, inputs: Any) -> None:
     for axis in jax.tree.leaves(axes, is_leaf=lambda a: a is None):
         if axis not in (0, None):
             raise ValueError(f"batch_axes entries must be 0 or None, got {axis!r}.")
+
+
+def check_batch_axes_entries(batch_axes: Any) -> None:
+    """Every entry of ``batch_axes`` must be 0 or None (checked when a transform is built)."""
+    if batch_axes is None:
+        return
+    for axis in jax.tree.leaves(batch_axes, is_leaf=lambda a: a is None):
+        zero = isinstance(axis, int) and not isinstance(axis, bool) and axis == 0
+        if not (axis is None or zero):
+            raise ValueError(
+                f"batch_axes entries must be 0 (batched along the leading axis) or None (not "
+                f"batched), got {axis!r} in batch_axes={batch_axes!r}."
+            )

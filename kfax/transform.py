@@ -18,10 +18,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfax import _capture, _validation, statistics
+from kfax import _capture, _validation
+from kfax import statistics as _statistics
 from kfax._plan import Plan, make_plan
 from kfax._step import KFACState, LayerHealth, preconditioner_step
-from kfax.blocks import CENTERINGS, BlockChoice, check_block_choice
+from kfax.blocks import (
+    CENTERINGS,
+    DEFAULT_MAX_FACTOR_SIZE,
+    WEIGHT_SHARINGS,
+    BlockChoice,
+    check_block_choice,
+)
 from kfax.losses import Loss, check_loss
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -30,7 +37,7 @@ IDENTITY = optax.identity()
 
 def _check_options(loss, kind, damping, block, centering, ema_decay, stats_every, inverse_every):
     check_loss(loss)
-    statistics.check_kind(kind)
+    _statistics.check_kind(kind)
     _validation.positive("damping", damping, schedule=True)
     check_block_choice(block)
     _validation.choice("centering", centering, CENTERINGS)
@@ -57,6 +64,8 @@ def scale_by_kfac(
     unmatched: optax.GradientTransformation | None = None,
     seed: int = 0,
     axis_name: str | None = None,
+    weight_sharing: str = "expand",
+    max_factor_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Precondition gradients with K-FAC: per layer, ``(A (x) B + damping)^{-1} grad``.
 
@@ -103,11 +112,21 @@ def scale_by_kfac(
         batch is split: statistics are pooled across it (every device then holds the same
         factors, inverses and updates) and devices sample different targets. Pass gradients
         already averaged across the axis (``jax.lax.pmean``). Not needed under sharded ``jit``.
+      weight_sharing: how Kronecker factors treat positions that share a weight (sequence
+        axes, attention, convolution locations; Eschenhagen et al. 2023): ``"expand"``
+        (positions are extra examples) or ``"reduce"`` (each example's mean input and summed
+        output cotangent).
+      max_factor_size: a Kronecker factor wider than this becomes diagonal (the one-sided block,
+        shown by :func:`kfax.describe`); ``None`` means 4096 (a 64 MiB float32 factor). A
+        Python int: it sets array shapes, so ``optax.inject_hyperparams`` must list it in
+        ``static_args``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *,
-      inputs, targets=None, where=None, damping=None)`` takes the gradient of the mean loss on
-      ``inputs`` (``where``: per-position weights of the loss, shape ``outputs.shape[:-1]``).
+      inputs, targets=None, where=None, damping=None, statistics=None)`` takes the gradient of
+      the mean loss on ``inputs`` (``where``: per-position weights of the loss, shape
+      ``outputs.shape[:-1]``; ``statistics``: the batch's statistics from
+      :func:`kfax.value_and_grad`, which then spares the preconditioner its own forward pass).
 
     Raises:
       ValueError: at build time for an invalid option (naming it); in ``init`` without
@@ -130,15 +149,27 @@ def scale_by_kfac(
       NeurIPS 2018 (EKFAC). George, "The algebra of second order methods" (centring).
     """
     _check_options(loss, kind, damping, block, centering, ema_decay, stats_every, inverse_every)
-    samples = statistics.check_samples(samples)
+    samples = _statistics.check_samples(samples)
     stats_batch_size = _validation.static_count("stats_batch_size", stats_batch_size)
     _validation.integer("seed", seed)
+    _statistics.check_batch_axes_entries(batch_axes)
+    if example_inputs is not None:
+        _statistics.check_batch_axes(batch_axes, example_inputs)
     if unmatched is not None and not isinstance(unmatched, optax.GradientTransformation):
         raise ValueError(f"unmatched must be an optax GradientTransformation, got {unmatched!r}.")
     if axis_name is not None and not isinstance(axis_name, (str, tuple)):
         raise ValueError(f"axis_name must be a string or a tuple of strings, got {axis_name!r}.")
+    _validation.choice("weight_sharing", weight_sharing, WEIGHT_SHARINGS)
+    max_factor_size = _validation.static_count("max_factor_size", max_factor_size)
+    max_factor_size = DEFAULT_MAX_FACTOR_SIZE if max_factor_size is None else max_factor_size
     options = dict(
-        kind=kind, samples=samples, block=block, centering=centering, axis_name=axis_name
+        kind=kind,
+        samples=samples,
+        block=block,
+        centering=centering,
+        axis_name=axis_name,
+        weight_sharing=weight_sharing,
+        max_factor_size=max_factor_size,
     )
     others = IDENTITY if unmatched is None else unmatched
 
@@ -154,7 +185,7 @@ def scale_by_kfac(
             )
         _check_not_masked(params)
         _check_floating(params)
-        statistics.check_batch_axes(batch_axes, example_inputs)
+        _statistics.check_batch_axes(batch_axes, example_inputs)
         layers = plan(params, example_inputs)
         layers.warn_about_suspect_biases(warnings.warn)
         dtype = layers.statistics_dtype(params)
@@ -170,14 +201,24 @@ def scale_by_kfac(
         )
 
     def update_fn(
-        updates, state, params=None, *, inputs=None, targets=None, where=None, damping=None, **extra
+        updates,
+        state,
+        params=None,
+        *,
+        inputs=None,
+        targets=None,
+        where=None,
+        damping=None,
+        statistics=None,
+        **extra,
     ):
         del extra
         _check_not_masked(params)
         _check_update_arguments(params, inputs, targets, kind)
         _check_axis_bound(axis_name)
         _check_same_structure(updates, params)
-        statistics.check_targets(loss, _capture.trace_layers(apply_fn, params, inputs), targets)
+        _check_precomputed(statistics, kind, samples, stats_batch_size)
+        _statistics.check_targets(loss, _capture.trace_layers(apply_fn, params, inputs), targets)
         if stats_batch_size is not None:
             inputs, targets, where = _sub_batch(
                 apply_fn, params, inputs, targets, where, stats_batch_size, batch_axes
@@ -186,7 +227,7 @@ def scale_by_kfac(
         layers.check_state(state, params)
         lam = _current_damping(damping, state, options_damping)
         return preconditioner_step(
-            layers, updates, state, params, inputs, targets, where, lam, *cadence
+            layers, updates, state, params, inputs, targets, where, lam, *cadence, statistics
         )
 
     options_damping = damping
@@ -239,6 +280,28 @@ def _check_axis_bound(axis_name) -> None:
         ) from None
 
 
+def _check_precomputed(batch, kind, samples, stats_batch_size) -> None:
+    """Statistics from :func:`kfax.value_and_grad` must be of this preconditioner's kind."""
+    if batch is None:
+        return
+    if not isinstance(batch, _statistics.Pass):
+        raise ValueError(
+            f"statistics= must come from kfax.value_and_grad (a kfax.statistics.Pass), got "
+            f"{type(batch).__name__}."
+        )
+    if (batch.kind, batch.samples) != (kind, samples):
+        raise ValueError(
+            f"statistics= were taken with kind={batch.kind!r}, samples={batch.samples}, but the "
+            f"preconditioner uses kind={kind!r}, samples={samples}: build kfax.value_and_grad "
+            "with the preconditioner's kind and samples."
+        )
+    if stats_batch_size is not None:
+        raise ValueError(
+            "statistics= (from kfax.value_and_grad) cover the whole batch; stats_batch_size "
+            "asks for a sub-batch. Use one or the other."
+        )
+
+
 def _check_update_arguments(params, inputs, targets, kind) -> None:
     if params is None:
         raise ValueError(
@@ -269,7 +332,7 @@ def _check_same_structure(updates, params) -> None:
 
 def _sub_batch(apply_fn, params, inputs, targets, where, size, batch_axes):
     batch = _capture.trace_layers(apply_fn, params, inputs).output_avals[0][0][0]
-    take = statistics.take_sub_batch
+    take = _statistics.take_sub_batch
     return (
         take(inputs, size, batch, batch_axes),
         take(targets, size, batch),

@@ -128,3 +128,119 @@ def linen_cnn(key=0, side=4, channels=2, batch=3):
     inputs = jax.random.normal(jax.random.key(key + 100), (batch, side, side, channels))
     params = model.init(jax.random.key(key), inputs)["params"]
     return params, lambda p, x: model.apply({"params": p}, x), inputs
+
+
+# --------------------------------------------------------------------------------------------
+# Transformers and scanned models (issue 9), and one helper that observes a layer's block.
+
+
+def observed_block(apply_fn, loss, params, inputs, layer, *, block="default", damping=0.0,
+                   kind="exact", centering="none", targets=None, where=None, key=None,
+                   **options):  # fmt: skip
+    """``(block, dense)``: the plan's block of ``layer`` after one batch (``ema_decay`` 0) and a
+    refresh, and the damped matrix it inverts (``block.dense``)."""
+    import optax  # noqa: PLC0415
+
+    from kfax import _plan, statistics  # noqa: PLC0415
+
+    plan = _plan.make_plan(
+        apply_fn, loss, params, inputs, kind=kind, samples=1, block=block, centering=centering,
+        others=optax.identity(), **options,
+    )  # fmt: skip
+    chosen = plan.blocks[layer]
+    batch = statistics.statistics_pass(
+        apply_fn, loss, params, inputs, kind=kind, targets=targets, where=where, key=key,
+        traced=plan.traced,
+    )  # fmt: skip
+    stats, curvature = chosen.init(jnp.float64)
+    stats = chosen.observe(stats, batch.layers[layer], 0.0)
+    curvature = chosen.refresh(stats, damping)
+    curvature = chosen.observe_in_basis(curvature, batch.layers[layer], 0.0)
+    return chosen, chosen.dense(curvature, damping), (stats, curvature)
+
+
+def embedding_readout(key=0, vocab=7, width=3, outputs=2, batch=20, positions=None):
+    """``E[ids] @ W``: an embedding read out linearly (one token per example by default)."""
+    k = jax.random.split(jax.random.key(key), 3)
+    params = {
+        "E": jax.random.normal(k[0], (vocab, width)),
+        "W": jax.random.normal(k[1], (width, outputs)),
+    }
+    shape = (batch,) if positions is None else (batch, positions)
+    ids = jax.random.randint(k[2], shape, 0, vocab)
+    return params, lambda p, i: p["E"][i] @ p["W"], ids
+
+
+class LinenNormMLP(nn.Module):
+    """Dense -> tanh -> LayerNorm -> Dense -> RMSNorm -> Dense, over sequence inputs."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm()(jnp.tanh(nn.Dense(4)(x)))
+        h = nn.RMSNorm()(nn.Dense(4)(h))
+        return nn.Dense(3)(h)
+
+
+def linen_norm_mlp(key=0, batch=5, positions=2, d_in=3):
+    model = LinenNormMLP()
+    inputs = jax.random.normal(jax.random.key(key + 100), (batch, positions, d_in))
+    params = model.init(jax.random.key(key), inputs)["params"]
+    return params, lambda p, x: model.apply({"params": p}, x), inputs
+
+
+def stacked_tanh(key=0, layers=3, width=4, batch=5, positions=2):
+    """``lax.scan`` over ``layers`` stacked tanh layers, and the same network unrolled with one
+    leaf per layer: ``(stacked params, scanned fn, unrolled params, unrolled fn, inputs)``."""
+    k = jax.random.split(jax.random.key(key), 3)
+    stacked = {
+        "W": jax.random.normal(k[0], (layers, width, width)) / 2,
+        "b": jax.random.normal(k[1], (layers, width)),
+    }
+    inputs = jax.random.normal(k[2], (batch, positions, width))
+
+    def scanned(p, x):
+        def body(h, wb):
+            return jnp.tanh(h @ wb[0] + wb[1]), None
+
+        return jax.lax.scan(body, x, (p["W"], p["b"]))[0]
+
+    unrolled = {f"l{i}": {"W": stacked["W"][i], "b": stacked["b"][i]} for i in range(layers)}
+
+    def unrolled_fn(p, x):
+        for i in range(layers):
+            x = jnp.tanh(x @ p[f"l{i}"]["W"] + p[f"l{i}"]["b"])
+        return x
+
+    return stacked, scanned, unrolled, unrolled_fn, inputs
+
+
+def rnn(key=0, batch=5, steps=6, d_in=3, width=4):
+    """``h_t = tanh(x_t @ U + h_{t-1} @ W)`` by ``lax.scan`` over time, ``U`` and ``W`` closed
+    over (shared by every step); outputs ``(batch, steps, width)``."""
+    k = jax.random.split(jax.random.key(key), 3)
+    params = {
+        "U": jax.random.normal(k[0], (d_in, width)),
+        "W": jax.random.normal(k[1], (width, width)) / 2,
+    }
+    inputs = jax.random.normal(k[2], (batch, steps, d_in))
+
+    def apply_fn(p, xs):
+        def body(h, x_t):
+            h = jnp.tanh(x_t @ p["U"] + h @ p["W"])
+            return h, h
+
+        h0 = jnp.zeros((xs.shape[0], width), xs.dtype)
+        return jnp.swapaxes(jax.lax.scan(body, h0, jnp.swapaxes(xs, 0, 1))[1], 0, 1)
+
+    return params, apply_fn, inputs
+
+
+def transformer_lm(key=0, batch=4, **sizes):
+    """The example's character-level transformer (``examples.transformer``), tiny by default:
+    ``(params, apply_fn, tokens)``."""
+    from examples import transformer  # noqa: PLC0415
+
+    sizes = {"width": 16, "depth": 2, "heads": 2, "context": 8, **sizes}
+    params, apply_fn, model = transformer.language_model(jax.random.key(key), **sizes)
+    tokens = jax.random.randint(jax.random.key(key + 1), (batch, model.context), 0, model.vocab)
+    return params, apply_fn, tokens

@@ -100,22 +100,30 @@ def test_shape_dtype_struct_inputs_are_enough():
     assert len(kfax.find_layers(apply_fn, params, spec).layers) == 2
 
 
-def test_unmatched_parameters_are_reported_with_a_reason():
+def test_every_used_parameter_is_a_layer_and_only_unused_ones_are_unmatched_with_a_reason():
+    """A scalar gate times a dense output is a one-feature scale; an unused leaf has no
+    gradient, and an integer leaf none either: those are the only unmatched parameters."""
     params = {"w": jnp.ones((3, 2)), "scale": jnp.ones(()), "unused": jnp.ones(4)}
+    params["step"] = jnp.zeros((), jnp.int32)
     report = kfax.find_layers(lambda p, x: p["scale"] * (x @ p["w"]), params, jnp.ones((2, 3)))
-    assert [layer.name for layer in report.layers] == ["w"]
-    reasons = dict(report.unmatched)
-    assert reasons["scale"] == "consumed by mul"
-    assert reasons["unused"] == "not consumed by a dense or convolution operation"
+    assert [(layer.name, layer.kind) for layer in report.layers] == [
+        ("w", "dense"),
+        ("scale", "scale_shift"),
+    ]
+    assert dict(report.unmatched) == {
+        "step": "not a floating-point array (int32)",
+        "unused": "not used by apply_fn (no gradient)",
+    }
     table = kfax.describe(lambda p, x: p["scale"] * (x @ p["w"]), params, jnp.ones((2, 3)))
-    assert "scale: consumed by mul" in table and "1 layers found." in table
+    assert "unused: not used by apply_fn (no gradient)" in table and "2 layers found." in table
 
 
-def test_a_weight_used_twice_is_reported_not_silently_split():
+def test_a_weight_used_twice_is_one_parameter_layer_whose_note_names_both_uses():
     params = {"w": jnp.ones((3, 3))}
     report = kfax.find_layers(lambda p, x: (x @ p["w"]) @ p["w"], params, jnp.ones((2, 3)))
-    assert report.layers == ()
-    assert "weight sharing" in dict(report.unmatched)["w"]
+    assert [(layer.name, layer.kind) for layer in report.layers] == [("w", "parameter")]
+    assert report.layers[0].note == "used by 2 dense operations (shared: tied or reused)"
+    assert report.unmatched == ()
 
 
 def test_grouped_convolutions_are_reported_as_unsupported():
@@ -127,25 +135,29 @@ def test_grouped_convolutions_are_reported_as_unsupported():
     model = Depthwise()
     x = jnp.ones((1, 4, 4, 2))
     params = model.init(jax.random.key(0), x)["params"]
-    report = kfax.find_layers(lambda p, z: model.apply({"params": p}, z), params, x)
-    assert report.layers == ()
-    assert "groups" in dict(report.unmatched)["Conv_0/kernel"]
+    apply_fn = lambda p, z: model.apply({"params": p}, z)  # noqa: E731
+    traced = _tracing.trace(apply_fn, params, x)
+    layers = {layer.weight_path: layer for layer in traced.layers}
+    assert layers["Conv_0/kernel"].kind == "parameter"
+    assert "groups" in layers["Conv_0/kernel"].note
+    assert layers["Conv_0/bias"].kind == "scale_shift"  # a shift of the grouped output
+    (warning,) = traced.warnings
+    assert "'Conv_0/kernel'" in warning and "feature or batch groups" in warning
 
 
-def test_a_model_without_layers_raises_a_clear_error():
-    params = {"scale": jnp.ones(3)}
-    fn = kfax.kronecker_factors(
-        lambda p, x: x * p["scale"], kfax.losses.SquaredError(), kind="exact"
-    )
-    with pytest.raises(kfax.NoLayersError, match="found no dense or convolution layer"):
+def test_a_model_whose_parameters_have_no_gradient_raises_a_clear_error():
+    params = {"unused": jnp.ones(3), "count": jnp.zeros((), jnp.int32)}
+    fn = kfax.kronecker_factors(lambda p, x: 2.0 * x, kfax.losses.SquaredError(), kind="exact")
+    with pytest.raises(kfax.NoLayersError, match="no floating-point parameter is used"):
         fn(params, jnp.ones((2, 3)))
 
 
 # --------------------------------------------------------------------------------------------
-# Shared parameters: a parameter used by a layer operation and by anything else is not a layer.
+# Shared parameters: a parameter used by a layer operation and by anything else is a
+# "parameter" layer (a diagonal block of its own) whose note names every use.
 
 
-def test_a_tied_embedding_is_not_a_layer_and_its_reason_names_every_use(x64):
+def test_a_tied_embedding_is_a_parameter_layer_whose_note_names_every_use(x64):
     k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
     params = {
         "E": jax.random.normal(k1, (7, 4)),
@@ -159,12 +171,17 @@ def test_a_tied_embedding_is_not_a_layer_and_its_reason_names_every_use(x64):
         return h @ p["E"].T + p["b"]
 
     report = kfax.find_layers(apply_fn, params, ids)
-    assert [layer.name for layer in report.layers] == ["W"]
-    reasons = dict(report.unmatched)
-    assert reasons["E"] == "used by dense layer 'E' and by gather"
-    # The output bias belongs to an operation that is not a layer: it is not a bias of anything.
-    assert reasons["b"] == "bias of the dense operation on 'E' (not a layer)"
-    assert "Every parameter belongs to a layer." not in kfax.describe(apply_fn, params, ids)
+    kinds = {layer.name: layer.kind for layer in report.layers}
+    assert kinds == {"W": "dense", "b": "scale_shift", "E": "parameter"}
+    notes = {layer.name: layer.note for layer in report.layers}
+    assert notes["E"] == (
+        "used by an embedding gather and a dense operation (shared: tied or reused)"
+    )
+    # The output bias belongs to an operation that is not a layer: it is a shift of its own.
+    assert report.unmatched == ()
+    table = kfax.describe(apply_fn, params, ids)
+    assert "  E: used by an embedding gather and a dense operation" in table
+    assert not _tracing.trace(apply_fn, params, ids).warnings  # every use is a known layer op
 
     # Why (float64): E's gradient is not the output layer's h^T g.
     g = jax.random.normal(k4, (5, 3, 7))
@@ -184,8 +201,14 @@ def test_two_layers_sharing_one_bias_are_bias_free_and_the_bias_says_it_is_share
         return h @ p["b"]["kernel"] + p["bias"]
 
     report = kfax.find_layers(apply_fn, params, jnp.ones((2, 3)))
-    assert [(layer.name, layer.bias_path) for layer in report.layers] == [("a", None), ("b", None)]
-    assert dict(report.unmatched) == {"bias": "bias shared by layers 'a' and 'b'"}
+    assert [(layer.name, layer.bias_path) for layer in report.layers] == [
+        ("a", None),
+        ("b", None),
+        ("bias", None),
+    ]
+    assert report.layers[2].note == (
+        "used by the bias of 2 dense operations (shared: tied or reused)"
+    )
     assert report.suspect_biases == (("bias", "a"), ("bias", "b"))
 
 
@@ -198,12 +221,15 @@ def test_a_block_applied_twice_is_weight_sharing_and_its_bias_goes_with_it():
         return x @ p["out"]
 
     report = kfax.find_layers(apply_fn, params, jnp.ones((2, 4)))
-    assert [layer.name for layer in report.layers] == ["out"]
-    reasons = dict(report.unmatched)
-    assert reasons["block/kernel"] == "used by 2 dense layer operations (weight sharing)"
-    assert reasons["block/bias"] == (
-        "bias shared by 2 dense operations on 'block/kernel' (not a layer)"
-    )
+    notes = {layer.weight_path: (layer.kind, layer.note) for layer in report.layers}
+    assert notes == {
+        "out": ("dense", ""),
+        "block/kernel": ("parameter", "used by 2 dense operations (shared: tied or reused)"),
+        "block/bias": (
+            "parameter",
+            "used by the bias of 2 dense operations (shared: tied or reused)",
+        ),
+    }
     assert report.suspect_biases == ()
 
 
@@ -214,12 +240,18 @@ def test_a_weight_used_outside_its_layer_takes_the_layers_bias_out_with_it():
         h = jnp.tanh(x @ p["dense"]["kernel"] + p["dense"]["bias"])
         return (h @ p["out"]) * jnp.sum(p["dense"]["kernel"])
 
-    report = kfax.find_layers(apply_fn, params, jnp.ones((2, 3)))
-    assert [layer.name for layer in report.layers] == ["out"]
-    assert dict(report.unmatched) == {
-        "dense/kernel": "used by dense layer 'dense' and by reduce_sum",
-        "dense/bias": "bias of the dense operation on 'dense/kernel' (not a layer)",
+    traced = _tracing.trace(apply_fn, params, jnp.ones((2, 3)))
+    layers = {layer.weight_path: (layer.kind, layer.note) for layer in traced.layers}
+    assert layers == {
+        "dense/bias": ("scale_shift", ""),  # its operation is not a layer: a shift of its own
+        "out": ("dense", ""),
+        "dense/kernel": (
+            "parameter",
+            "used by a dense operation and reduce_sum (shared: tied or reused)",
+        ),
     }
+    (warning,) = traced.warnings
+    assert "'dense/kernel' is used by reduce_sum" in warning
 
 
 def test_a_bias_also_used_elsewhere_leaves_its_layer_bias_free():
@@ -229,10 +261,13 @@ def test_a_bias_also_used_elsewhere_leaves_its_layer_bias_free():
         return (x @ p["dense"]["kernel"] + p["dense"]["bias"]) * jnp.sum(p["dense"]["bias"])
 
     report = kfax.find_layers(apply_fn, params, jnp.ones((2, 3)))
-    assert [(layer.name, layer.bias_path) for layer in report.layers] == [("dense", None)]
-    assert dict(report.unmatched) == {
-        "dense/bias": "used as bias of layer 'dense' and by reduce_sum"
-    }
+    assert [(layer.name, layer.kind, layer.bias_path) for layer in report.layers] == [
+        ("dense", "dense", None),
+        ("dense/bias", "parameter", None),
+    ]
+    assert report.layers[1].note == (
+        "used by the bias of a dense operation and reduce_sum (shared: tied or reused)"
+    )
     assert report.suspect_biases == (("dense/bias", "dense"),)
 
 
@@ -243,9 +278,11 @@ def test_a_weight_leaving_a_jit_is_followed_to_its_other_uses():
         w = jax.jit(lambda v: v.T)(p["w"])  # passes through a call: still the same weight
         return (x @ w) * w[0, 0]
 
-    assert dict(kfax.find_layers(apply_fn, params, jnp.ones((2, 3))).unmatched) == {
-        "w": "used by dense layer 'w' and by slice"
-    }
+    (layer,) = kfax.find_layers(apply_fn, params, jnp.ones((2, 3))).layers
+    assert (layer.kind, layer.note) == (
+        "parameter",
+        "used by a dense operation and slice (shared: tied or reused)",
+    )
 
 
 def test_a_bias_added_outside_a_jitted_layer_is_its_bias(x64):
@@ -280,9 +317,10 @@ def test_a_bias_added_after_an_affine_operation_is_a_suspect_bias(apply_fn):
     params = {"d": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)}, "s": jnp.ones(())}
     x = jnp.ones((2, 3))
     report = kfax.find_layers(apply_fn, params, x)
-    assert [(layer.name, layer.bias_path) for layer in report.layers] == [("d", None)]
+    assert [(layer.name, layer.bias_path) for layer in report.layers][0] == ("d", None)
     assert report.suspect_biases == (("d/bias", "d"),)
-    assert dict(report.unmatched)["d/bias"] == "consumed by add"
+    kinds = {layer.weight_path: layer.kind for layer in report.layers}
+    assert kinds["d/bias"] == "scale_shift"  # a shift of its own, not the layer's bias
     table = kfax.describe(apply_fn, params, x)
     assert "Suspect bias: d/bias looks like a bias of layer 'd'" in table
 
@@ -311,7 +349,18 @@ def test_a_normalisation_bias_after_a_bias_free_layer_is_not_suspect(norm):
         return out[0]
 
     report = kfax.find_layers(apply_fn, variables["params"], x)
-    assert [(layer.name, layer.bias_path) for layer in report.layers] == [("Dense_0", None)]
+    assert [(layer.name, layer.bias_path) for layer in report.layers][0] == ("Dense_0", None)
+    norm_layer = report.layers[1]
+    assert (norm_layer.kind, norm_layer.d_out) == ("scale_shift", 4)
+    if norm == "batchnorm-train":
+        # The scale multiplies the batch's own statistics (no batch axis) before the data: no
+        # per-example tap, so it is a parameter layer (diagonal block); the bias is a shift.
+        assert (norm_layer.weight_path, report.layers[2].kind) == (
+            "BatchNorm_0/bias",
+            "parameter",
+        )
+    else:
+        assert norm_layer.bias_path is not None  # the norm's scale and its shift pair up
     assert report.suspect_biases == ()
 
 
@@ -326,7 +375,8 @@ def test_suspect_bias_rule_edges_nonlinearity_own_bias_and_eval_mode_batchnorm()
     own_bias = kfax.find_layers(
         lambda p, z: (z @ p["d"]["kernel"] + p["b0"]) * 2.0 + p["d"]["bias"], params, x
     )
-    assert [layer.bias_path for layer in own_bias.layers] == ["b0"]
+    assert [layer.bias_path for layer in own_bias.layers] == ["b0", None]
+    assert own_bias.layers[1].weight_path == "d/bias"  # a shift of its own
     assert own_bias.suspect_biases == ()
     # Eval-mode BatchNorm is an affine map of the layer output (fixed running averages): flagged.
     model = _DenseThenNorm("batchnorm-eval")
@@ -408,11 +458,15 @@ def test_nnx_split_with_dropout_and_batchnorm_traces_and_leaves_the_model_alone(
         return nnx.merge(graphdef, s)(z)
 
     report = kfax.find_layers(apply_fn, state, x)
-    assert [(layer.name, layer.bias_path) for layer in report.layers] == [
-        ("l1", "l1/bias"),
-        ("l2", "l2/bias"),
+    assert [(layer.name, layer.kind) for layer in report.layers] == [
+        ("l1", "dense"),
+        ("bn", "scale_shift"),  # the shift (train mode: see the linen BatchNorm test)
+        ("l2", "dense"),
+        ("bn/scale", "parameter"),
     ]
     reasons = dict(report.unmatched)
+    # Running averages are read only to be updated: no effect on the outputs, no gradient.
+    assert reasons["bn/mean"] == "read by apply_fn but without effect on its outputs (no gradient)"
     assert reasons["drop/rngs/count"] == "not a floating-point array (uint32)"
     assert reasons["drop/rngs/key"].startswith("not a floating-point array (key<")
     assert "drop/rngs/count: not a floating-point array" in kfax.describe(apply_fn, state, x)

@@ -15,6 +15,18 @@ Centring (``docs/math.md``, "Centered K-FAC"), for a layer ``a = K^T h + b`` wit
 
 The mean ``m`` used by the update is the one stored with the curvature at its last refresh, so
 the identity with homogeneous K-FAC holds on every step, not only on refresh steps.
+
+Weight sharing (positions that share the weight: sequence axes, attention, convolution
+locations; Eschenhagen et al. 2023), with ``N`` examples and ``R`` positions each:
+
+* ``"expand"`` (default): ``A`` averages over examples and positions, ``B = 1/N sum_n sum_r g
+  g^T``; exact for a linear layer whose positions have independent outputs;
+* ``"reduce"``: ``A`` from each example's mean input over its (counted) positions, ``B = 1/N
+  sum_n (sum_r g)(sum_r g)^T``; exact for a linear layer whose outputs are summed (or averaged)
+  over positions before the loss.
+
+A layer whose factor on one side is wider than ``max_factor_size`` gets the one-sided block
+(:mod:`kfax.blocks.one_sided`): that side's factor is diagonal.
 """
 
 from __future__ import annotations
@@ -27,9 +39,17 @@ import jax.numpy as jnp
 
 from kfax import _tracing
 from kfax.blocks.base import LayerGradient
-from kfax.statistics import HIGHEST, LayerCapture, input_moments, output_moment
+from kfax.statistics import (
+    HIGHEST,
+    LayerCapture,
+    input_moments,
+    output_moment,
+    pool_mean,
+    statistics_dtype,
+)
 
 CENTERINGS = ("exact", "simple", "none")
+WEIGHT_SHARINGS = ("expand", "reduce")
 
 
 class KroneckerStatistics(NamedTuple):
@@ -114,18 +134,78 @@ def input_factor(
 
 
 @dataclasses.dataclass(frozen=True)
+class _MeanRows:
+    """A geometry whose rows are given: each example's mean input (K-FAC-reduce)."""
+
+    d_in: int
+
+    def input_rows(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+def batch_moments(site: _tracing.LayerSite, capture: LayerCapture, weight_sharing: str):
+    """``(InputMoments, E[g g^T])`` of one batch, K-FAC-expand or K-FAC-reduce."""
+    geometry = site.geometry
+    if weight_sharing == "expand":
+        return input_moments(geometry, capture), output_moment(geometry, capture)
+    rows = geometry.input_rows(capture.inputs)
+    rows = rows.astype(statistics_dtype(rows.dtype))
+    rows = rows.reshape(capture.batch, -1, rows.shape[-1])
+    if capture.row_weights is None:
+        means, counted = jnp.mean(rows, axis=1), None
+    else:
+        weights = capture.row_weights.astype(rows.dtype).reshape(capture.batch, -1)
+        totals = jnp.sum(weights, axis=1)
+        means = jnp.einsum("nr,nri->ni", weights, rows, precision=HIGHEST)
+        means = means / jnp.maximum(totals, jnp.finfo(rows.dtype).tiny)[:, None]
+        counted = (totals > 0).astype(rows.dtype)
+    moments = input_moments(
+        _MeanRows(geometry.d_in), dataclasses.replace(capture, inputs=means, row_weights=counted)
+    )
+    g = jax.vmap(geometry.output_rows)(capture.cotangents)
+    g = g.astype(statistics_dtype(g.dtype)).reshape(g.shape[0], capture.batch, -1, g.shape[-1])
+    sums = jnp.sum(g, axis=2).reshape(-1, g.shape[-1])
+    output = jnp.matmul(sums.T, sums, precision=HIGHEST) * capture.scale.astype(sums.dtype)
+    return moments, pool_mean(output, capture)
+
+
+@dataclasses.dataclass(frozen=True)
 class KroneckerBlock:
     """Base of the Kronecker blocks: statistics, centring and the bias algebra.
 
     Subclasses implement ``identity_factors``, ``refresh_factors``, ``apply`` and
     ``solve_output``; see :mod:`kfax.blocks.factored` for the smallest one.
+
+    Attributes:
+      site: the layer.
+      centering: ``"exact"``, ``"simple"`` or ``"none"`` (module docstring).
+      weight_sharing: ``"expand"`` or ``"reduce"`` (module docstring).
+      max_factor_size: a side whose factor would be wider than this is diagonal (the
+        one-sided block, chosen by :meth:`build`); ``None``: no limit.
     """
 
     site: _tracing.LayerSite
     centering: str = "exact"
+    weight_sharing: str = "expand"
+    max_factor_size: int | None = None
 
     name: ClassVar[str] = "kronecker"
     kinds: ClassVar[tuple[str, ...]] = ("dense", "conv")
+
+    @classmethod
+    def build(cls, site: _tracing.LayerSite, centering: str = "exact", **options: Any) -> Any:
+        """This block for ``site``, or the one-sided block when a factor is too wide."""
+        block = cls(site, centering, **options)
+        limit = block.max_factor_size
+        if limit is not None and (block.input_size > limit or block.output_size > limit):
+            from kfax.blocks.one_sided import OneSidedBlock  # noqa: PLC0415 (imports this)
+
+            return OneSidedBlock(site, centering, **options, requested=cls.name)
+        return block
+
+    def factor_sizes(self) -> tuple[str, str]:
+        """How :func:`kfax.describe` shows the sizes of ``A`` and ``B``."""
+        return f"{self.input_size}^2", f"{self.output_size}^2"
 
     # ---------------------------------------------------------------- shape of the factors
 
@@ -166,8 +246,7 @@ class KroneckerBlock:
     def observe(
         self, statistics: KroneckerStatistics, capture: LayerCapture, decay: jax.Array
     ) -> KroneckerStatistics:
-        moments = input_moments(self.site.geometry, capture)
-        output = output_moment(self.site.geometry, capture)
+        moments, output = batch_moments(self.site, capture, self.weight_sharing)
         dtype = statistics.covariance.dtype
         return merge_moments(
             statistics,
@@ -216,7 +295,8 @@ class KroneckerBlock:
         dtype = curvature.mean.dtype
         damping = jnp.asarray(damping, dtype)
         dk = grad.weight.astype(dtype)
-        db = None if grad.bias is None else grad.bias.astype(dtype)
+        # A bias over several output axes (DenseGeneral) is flattened as the output features.
+        db = None if grad.bias is None else grad.bias.astype(dtype).reshape(-1)
         mean = curvature.mean
         if self.centred:
             dk = dk - jnp.outer(mean, db)
@@ -224,13 +304,13 @@ class KroneckerBlock:
             dk = jnp.concatenate([dk, db[None, :]], axis=0)
         delta = self.apply(curvature.factors, dk, damping)
         if self.homogeneous:
-            return LayerGradient(delta[:-1], delta[-1])
+            return LayerGradient(delta[:-1], delta[-1].reshape(grad.bias.shape))
         if not self.centred:
             return LayerGradient(delta, None)
         delta_b = self.solve_output(curvature.factors, db, damping)
         if self.centering == "exact":
             delta_b = delta_b - jnp.matmul(delta.T, mean, precision=HIGHEST)
-        return LayerGradient(delta, delta_b)
+        return LayerGradient(delta, delta_b.reshape(grad.bias.shape))
 
     def dense(self, curvature: KroneckerCurvature, damping: jax.Array) -> jax.Array:
         """The damped curvature this block inverts, as a dense matrix (for tests, diagnostics).

@@ -19,4 +19,3 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs 8 devices: run `pytest tests/multidevice` alone")
         for item in items:
             item.add_marker(skip)
-
