@@ -25,3 +25,22 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", previous)
+
+
+# The longest files first: `make test` hands whole files to its two workers (--dist loadfile),
+# so a long file scheduled last (the notebooks, about four minutes) would run alone at the end.
+LONGEST_FIRST = (
+    "test_notebooks.py",
+    "test_transform_conformance.py",
+    "test_transformer.py",
+    "test_benchmarks.py",
+    "test_training.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept

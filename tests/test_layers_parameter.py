@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import kfax
-from kfax import _capture, exact
+from kfax import _capture, exact, statistics
 from tests import models
 
 
@@ -107,7 +107,9 @@ def test_with_sampled_targets_the_statistic_is_the_squared_gradient_of_the_sampl
     outputs = apply_fn(params, ids)
     (sample_key,) = jax.random.split(key, 1)
     y = loss.sample(sample_key, outputs)
-    signs = _capture.example_signs(outputs, loss.sampled_cotangent(sample_key, outputs, None))
+    # the statistics pass gives each cotangent column a signs key split from its key
+    (signs_key,) = jax.random.split(jax.random.fold_in(key, statistics._SIGNS_STREAM), 1)
+    signs = _capture.example_signs(signs_key, loss.sampled_cotangent(sample_key, outputs, None))
     per_example = jax.vmap(
         lambda i, t: jax.grad(lambda p: loss(apply_fn(p, i[None]), t[None]))(params)["E"]
     )(ids, y)

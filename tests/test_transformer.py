@@ -180,6 +180,9 @@ def test_framework_language_models_are_found_and_their_blocks_match_references(x
             square = kfax.losses.SquaredError()
             _, dense, _ = models.observed_block(apply_fn, square, params, ids, site.name)
             block = exact.layer_block(apply_fn, square, params, ids, site.name, kind="exact")
+            # Flax's attention computes its softmax in float32 even for float64 inputs, so in
+            # the nnx model the two routes to the norm's block agree to float32 rounding only.
+            tolerance = {"rtol": 1e-6} if build is nnx_lm else {"atol": 1e-12}
             np.testing.assert_allclose(
-                dense, block * np.kron(np.ones((2, 2)), np.eye(8)), atol=1e-12
+                dense, block * np.kron(np.ones((2, 2)), np.eye(8)), **tolerance
             )
