@@ -194,7 +194,7 @@ def quadratic_model_step(
     damping: float = 1e-2,
     adaptive_damping: bool = True,
     damping_every: int = 5,
-    min_damping: float = 1e-8,
+    min_damping: float = 1e-4,
     max_damping: float = 1e10,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
