@@ -65,28 +65,24 @@ class StackedBlock:
             jax.tree.map(cotangents, capture.cotangents),
         )
 
-    def observe(self, statistics, capture, decay):
+    def _per_layer(self, method, state, capture, decay):
+        """``method`` of the inner block on each layer of the stack, with its slice of the
+        capture (vmapped over the stack)."""
         inputs, cotangents = self._split(capture)
 
-        def one(stats, x, g):
-            return self.inner.observe(
-                stats, dataclasses.replace(capture, inputs=x, cotangents=g), decay
-            )
+        def one(layer_state, x, g):
+            return method(layer_state, dataclasses.replace(capture, inputs=x, cotangents=g), decay)
 
-        return jax.vmap(one)(statistics, inputs, cotangents)
+        return jax.vmap(one)(state, inputs, cotangents)
+
+    def observe(self, statistics, capture, decay):
+        return self._per_layer(self.inner.observe, statistics, capture, decay)
 
     def refresh(self, statistics, damping):
         return jax.vmap(lambda s: self.inner.refresh(s, damping))(statistics)
 
     def observe_in_basis(self, curvature, capture, decay):
-        inputs, cotangents = self._split(capture)
-
-        def one(c, x, g):
-            return self.inner.observe_in_basis(
-                c, dataclasses.replace(capture, inputs=x, cotangents=g), decay
-            )
-
-        return jax.vmap(one)(curvature, inputs, cotangents)
+        return self._per_layer(self.inner.observe_in_basis, curvature, capture, decay)
 
     def precondition(self, statistics, curvature, grad: LayerGradient, damping) -> LayerGradient:
         bias = grad.bias

@@ -156,18 +156,8 @@ def test_shard_map_without_vma_checks_matches_one_device_on_the_whole_batch(prob
     """``jax.shard_map(..., check_vma=False)`` with ``axis_name``: the pmap result."""
     params, apply_fn, x, y = problem
     expected = single_device_run(problem, 10, kind="exact")
-    mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
     opt = optimiser(apply_fn, x, axis_name="batch", kind="exact")
-
-    def step(p, s, xs, ys):
-        g = jax.lax.pmean(jax.grad(lambda q: LOSS(apply_fn(q, xs), ys))(p), "batch")
-        u, s = opt.update(g, s, p, inputs=xs, targets=ys)
-        return optax.apply_updates(p, u), s
-
-    specs = (P(), P(), P("batch"), P("batch"))
-    step = jax.jit(
-        jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=False)
-    )
+    step = jax.jit(_shard_mapped_step(opt, apply_fn, check_vma=False))
     p, s = params, opt.init(params)
     for i, want in enumerate(expected):
         p, s = step(p, s, x, y)
@@ -179,14 +169,21 @@ def test_shard_map_without_vma_checks_matches_one_device_on_the_whole_batch(prob
 
 def test_shard_map_with_vma_checks_is_a_clear_error_naming_check_vma(problem):
     params, apply_fn, x, y = problem
-    mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
     tx = kfax.scale_by_kfac(apply_fn, LOSS, example_inputs=x[:4], axis_name="batch")
+    mapped = _shard_mapped_step(tx, apply_fn, check_vma=True)
+    with pytest.raises(ValueError, match="check_vma=False"):
+        jax.jit(mapped)(params, tx.init(params), x, y)
+
+
+def _shard_mapped_step(opt, apply_fn, *, check_vma):
+    """One training step under ``jax.shard_map`` over a mesh axis "batch": the batch split,
+    parameters and state replicated, gradients averaged across the axis."""
+    mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
 
     def step(p, s, xs, ys):
         g = jax.lax.pmean(jax.grad(lambda q: LOSS(apply_fn(q, xs), ys))(p), "batch")
-        return tx.update(g, s, p, inputs=xs, targets=ys)[0]
+        u, s = opt.update(g, s, p, inputs=xs, targets=ys)
+        return optax.apply_updates(p, u), s
 
     specs = (P(), P(), P("batch"), P("batch"))
-    mapped = jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=P())
-    with pytest.raises(ValueError, match="check_vma=False"):
-        jax.jit(mapped)(params, tx.init(params), x, y)
+    return jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=(P(), P()), check_vma=check_vma)
