@@ -341,17 +341,30 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+FAILED: dict[str, str] = {}  # label -> why its runner did not start (reported under "skipped")
+
+
 def race(
     specs: list[Spec], task: Task, args: argparse.Namespace, evaluate, phase: int
 ) -> tuple[list[dict], list[list[float]]]:
     """Compiles the specs' runners and races them interleaved: one entry per run, and the
     load averages ``[phase, seconds, 1-, 5-, 15-minute]`` after every round."""
     first_batch = _device(next(batch_stream(task, args.batch_size, args.seed)))
-    runners = []
+    runners, started = [], []
     for spec in progress_bar(specs, desc="compiling", leave=False):
         runner = make_runner(spec, task, args.seed)
-        runner.start(task.params, first_batch)
+        try:
+            runner.start(task.params, first_batch)
+        except Exception as error:  # a peer that cannot build or compile on this task
+            reason = f"failed to start: {type(error).__name__}: {str(error).splitlines()[0]}"
+            warnings.warn(f"{spec.label}: {reason}", stacklevel=2)
+            FAILED[spec.label] = reason
+            continue
         runners.append(runner)
+        started.append(spec)
+    specs = started
+    if not runners:
+        raise RuntimeError(f"no optimiser started: {FAILED}")
     streams = [batch_stream(task, args.batch_size, args.seed) for _ in runners]
     total = len(runners) * args.budget_seconds
     bar = "{l_bar}{bar}| {n:.0f}/{total:.0f} timed s [{elapsed}<{remaining}]"
@@ -454,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
         "task_description": task.description,
         "loss_unit": task.loss_unit,
         "param_bytes": sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(task.params)),
-        "skipped": skipped,
+        "skipped": {**skipped, **FAILED},
         "target": target,
         "target_rule": "--target" if args.target is not None else "best Adam final reported loss",
         "grid_edges": edges,

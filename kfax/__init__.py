@@ -1,6 +1,6 @@
 """kfax: K-FAC, natural gradient and Gauss-Newton preconditioning as optax transformations."""
 
-from kfax import blocks, diagnostics, exact, losses, statistics
+from kfax import blocks, diagnostics, distributed, exact, losses, statistics
 from kfax._capture import NoLayersError
 from kfax._step import KFACState, LayerHealth
 from kfax.adaptive import QuadraticModelState, StepInfo, quadratic_model_step
@@ -26,6 +26,7 @@ __all__ = [
     "blocks",
     "describe",
     "diagnostics",
+    "distributed",
     "exact",
     "find_layers",
     "kfac",

@@ -33,6 +33,7 @@ class Plan:
     others: optax.GradientTransformation
     axis_name: Any
     traced: _tracing.Trace = dataclasses.field(compare=False)
+    inverse_strategy: str = "replicated"
 
     @property
     def blocks(self) -> dict[str, Block]:
@@ -134,6 +135,7 @@ def make_plan(
     axis_name: Any = None,
     weight_sharing: str = "expand",
     max_factor_size: int | None = None,
+    inverse_strategy: str = "replicated",
 ) -> Plan:
     """Trace ``apply_fn`` (cached) and give every layer its block."""
     traced = _capture.trace_layers(apply_fn, params, inputs)
@@ -146,4 +148,4 @@ def make_plan(
         raise _capture.NoLayersError(
             "block= leaves no layer to precondition: every layer was mapped to None."
         )
-    return Plan(apply_fn, loss, kind, samples, blocks, others, axis_name, traced)
+    return Plan(apply_fn, loss, kind, samples, blocks, others, axis_name, traced, inverse_strategy)

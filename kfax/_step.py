@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kfax import statistics
+from kfax import distributed, statistics
 from kfax._plan import Plan
 from kfax._trees import keep_if_finite
 from kfax.blocks import LayerGradient
@@ -118,11 +118,20 @@ def _refresh(plan: Plan, stats, curvature, health, damping):
         failed = layer_health.failed_refreshes + (has_data & ~ok).astype(jnp.int32)
         return fresh, layer_health._replace(failed_refreshes=failed)
 
-    # Factorised layer by layer: batched (vmapped) Cholesky and LU factorisations inside the
-    # step of a transformer deadlock XLA's CPU runtime now and then (JAX 0.10.2; the test
-    # tests/test_transformer.py::test_padded_batches... hung in one run of two), while the
-    # per-layer ones never did. Statistics and preconditioning stay batched.
-    both = map_layers(plan, one, stats, curvature, health, batched=False)
+    if plan.inverse_strategy == "distributed":
+        blocks = plan.blocks
+        both = distributed.refresh_on_owners(
+            {name: distributed.refresh_cost(stats[name]) for name in blocks},
+            lambda n: one(blocks[n], stats[n], curvature[n], health[n]),
+            lambda n: (curvature[n], health[n]),
+            plan.axis_name,
+        )
+    else:
+        # Factorised layer by layer: batched (vmapped) Cholesky and LU factorisations inside
+        # the step of a transformer deadlock XLA's CPU runtime now and then (JAX 0.10.2; the
+        # test tests/test_transformer.py::test_padded_batches... hung in one run of two), while
+        # the per-layer ones never did. Statistics and preconditioning stay batched.
+        both = map_layers(plan, one, stats, curvature, health, batched=False)
     return {n: v[0] for n, v in both.items()}, {n: v[1] for n, v in both.items()}
 
 

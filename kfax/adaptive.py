@@ -233,22 +233,24 @@ def quadratic_model_step(
 
     def init_fn(params):
         dtype = _trees.floating_dtype(params)
-        zero, lam = jnp.zeros((), dtype), jnp.asarray(damping, dtype)
+        # Every leaf its own buffer, so that the state can be donated (jit donate_argnums).
+        zero = lambda: jnp.zeros((), dtype)  # noqa: E731
+        lam = lambda: jnp.array(damping, dtype)  # noqa: E731
         info = StepInfo(
-            zero,
-            zero,
-            zero,
+            zero(),
+            zero(),
+            zero(),
             jnp.ones((), dtype),
             jnp.asarray(-1, jnp.int32),
-            lam,
-            zero,
+            lam(),
+            zero(),
             jnp.zeros((), jnp.int32),
         )
         return QuadraticModelState(
             jnp.zeros((), jnp.int32),
             preconditioner.init(params),
             optax.tree.zeros_like(params),
-            lam,
+            lam(),
             info,
         )
 

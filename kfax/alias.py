@@ -100,6 +100,7 @@ def kfac(
     axis_name: str | None = None,
     weight_sharing: str = "expand",
     max_factor_size: int | None = None,
+    inverse_strategy: str = "replicated",
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC with a learning rate and momentum, or with the adaptive step of Martens & Grosse.
 
@@ -124,7 +125,8 @@ def kfac(
       norm_constraint: the bound ``c`` of the norm constraint (fixed learning rate only).
       adaptive_damping, damping_every, min_damping: the Levenberg-Marquardt rule (adaptive only).
       block, centering, kind, samples, ema_decay, stats_every, inverse_every, stats_batch_size,
-        batch_axes, unmatched, seed, axis_name, weight_sharing, max_factor_size: passed to
+        batch_axes, unmatched, seed, axis_name, weight_sharing, max_factor_size,
+        inverse_strategy: passed to
         :func:`kfax.scale_by_kfac`.
 
     Returns:
@@ -168,6 +170,7 @@ def kfac(
         axis_name=axis_name,
         weight_sharing=weight_sharing,
         max_factor_size=max_factor_size,
+        inverse_strategy=inverse_strategy,
     )
     if adaptive:
         return quadratic_model_step(

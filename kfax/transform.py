@@ -29,6 +29,7 @@ from kfax.blocks import (
     BlockChoice,
     check_block_choice,
 )
+from kfax.distributed import INVERSE_STRATEGIES
 from kfax.losses import Loss, check_loss
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -66,6 +67,7 @@ def scale_by_kfac(
     axis_name: str | None = None,
     weight_sharing: str = "expand",
     max_factor_size: int | None = None,
+    inverse_strategy: str = "replicated",
 ) -> optax.GradientTransformationExtraArgs:
     """Precondition gradients with K-FAC: per layer, ``(A (x) B + damping)^{-1} grad``.
 
@@ -120,6 +122,11 @@ def scale_by_kfac(
         shown by :func:`kfax.describe`); ``None`` means 4096 (a 64 MiB float32 factor). A
         Python int: it sets array shapes, so ``optax.inject_hyperparams`` must list it in
         ``static_args``.
+      inverse_strategy: with ``axis_name``, where refreshes run: ``"replicated"`` (default:
+        every device refreshes every layer; no communication) or ``"distributed"`` (each layer
+        on one device, layers balanced by their ``d^3`` cost, results shared in one all-reduce
+        per refresh: ``1/n_devices`` of the inverse work per device for the inverses' bytes;
+        Pauloski et al., SC 2021). Both give the same state.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *,
@@ -160,6 +167,13 @@ def scale_by_kfac(
     if axis_name is not None and not isinstance(axis_name, (str, tuple)):
         raise ValueError(f"axis_name must be a string or a tuple of strings, got {axis_name!r}.")
     _validation.choice("weight_sharing", weight_sharing, WEIGHT_SHARINGS)
+    _validation.choice("inverse_strategy", inverse_strategy, INVERSE_STRATEGIES)
+    if inverse_strategy == "distributed" and axis_name is None:
+        raise ValueError(
+            'inverse_strategy="distributed" shares refreshes across the devices of axis_name '
+            "(pmap / shard_map), but axis_name is None. Under sharded jax.jit (no axis_name) "
+            'every device refreshes every layer; use inverse_strategy="replicated".'
+        )
     max_factor_size = _validation.static_count("max_factor_size", max_factor_size)
     max_factor_size = DEFAULT_MAX_FACTOR_SIZE if max_factor_size is None else max_factor_size
     options = dict(
@@ -170,6 +184,7 @@ def scale_by_kfac(
         axis_name=axis_name,
         weight_sharing=weight_sharing,
         max_factor_size=max_factor_size,
+        inverse_strategy=inverse_strategy,
     )
     others = IDENTITY if unmatched is None else unmatched
 
@@ -195,7 +210,9 @@ def scale_by_kfac(
             key=jax.random.PRNGKey(seed),
             statistics={n: b.init(dtype)[0] for n, b in layers.blocks.items()},
             curvature={n: b.init(dtype)[1] for n, b in layers.blocks.items()},
-            health={n: LayerHealth(*[jnp.zeros((), jnp.int32)] * 3) for n in layers.blocks},
+            health={
+                n: LayerHealth(*(jnp.zeros((), jnp.int32) for _ in range(3))) for n in layers.blocks
+            },
             unmatched=others.init(layers.unmatched_leaves(params)),
             damping=jnp.asarray(initial, dtype),
         )

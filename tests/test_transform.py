@@ -231,3 +231,43 @@ def test_batch_axes_marks_which_input_leaves_are_batched(x64):
     _, state = one_direction(tx, params, inputs, grads)
     h = x[:4] * jnp.mean(scale, axis=0)
     np.testing.assert_allclose(state.statistics["dense"].mean, h.mean(0), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "model, options",
+    [
+        ("transformer", {"learning_rate": 0.1}),
+        ("transformer", {"max_factor_size": 8}),  # one-sided blocks, adaptive  # one-sided blocks
+        ("transformer", {"learning_rate": 0.1, "block": {"*Dense*": "diagonal"}}),
+        ("transformer", {"learning_rate": 0.1, "block": {"*Dense*": "ekfac"}}),
+        ("stacked", {"block": "eigen"}),
+    ],
+)
+def test_every_state_leaf_is_its_own_buffer_so_the_state_can_be_donated(model, options):
+    """``jax.jit(step, donate_argnums=...)`` fails ("donate the same buffer twice") on a state
+    whose leaves share a buffer; users donate states to halve their memory."""
+    if model == "transformer":
+        params, apply_fn, x = models.transformer_lm(depth=1)
+        loss, y = kfax.losses.SoftmaxCrossEntropy(), x
+    else:
+        params, apply_fn, *_, x = models.stacked_tanh()
+        loss = kfax.losses.SquaredError()
+        y = jnp.zeros_like(apply_fn(params, x))
+    options = {"learning_rate": None, **options}
+    opt = kfax.kfac(options.pop("learning_rate"), apply_fn, loss, example_inputs=x, **options)
+    state = opt.init(params)
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    owners: dict[int, list[str]] = {}
+    for path, leaf in leaves:
+        owners.setdefault(leaf.unsafe_buffer_pointer(), []).append(jax.tree_util.keystr(path))
+    assert [paths for paths in owners.values() if len(paths) > 1] == []
+    if model != "stacked":
+        return  # distinct buffers are what donation needs; one (cheap) donated step below
+
+    def step(p, s):
+        g = jax.grad(lambda q: loss(apply_fn(q, x), y))(p)
+        u, s = opt.update(g, s, p, inputs=x, targets=y)
+        return optax.apply_updates(p, u), s
+
+    p, s = jax.jit(step, donate_argnums=(0, 1))(params, state)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves((p, s)))

@@ -1,0 +1,84 @@
+"""Where refreshes run across devices: every device, or each layer on one device.
+
+With ``axis_name`` set (``pmap`` / ``shard_map``), every device holds the same pooled statistics
+and, by default, refreshes every layer itself (``inverse_strategy="replicated"``): no
+communication, but ``n_devices - 1`` of the inverse work is redundant. With
+``inverse_strategy="distributed"`` each layer is refreshed on one device only (its *owner*),
+layers balanced over the devices by their refresh cost (``d^3`` per factor, longest first to the
+least loaded device), and the results are shared in one all-reduce in which non-owners
+contribute zeros. These are the two ends of the trade-off that KAISA measured (Pauloski et al.,
+SC 2021): no broadcast against ``1/n_devices`` of the inverse work per device plus the inverses'
+bytes once per refresh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+INVERSE_STRATEGIES = ("replicated", "distributed")
+
+
+def refresh_cost(statistics: Any) -> int:
+    """The refresh cost model of a layer from its statistics: ``d^3`` for each square ``d x d``
+    factor (a Cholesky, an inverse or an eigendecomposition; stacked factors counted each),
+    the size for anything else (diagonals)."""
+    cost = 0
+    for leaf in jax.tree.leaves(statistics):
+        shape = jnp.shape(leaf)
+        if len(shape) >= 2 and shape[-1] == shape[-2]:
+            cost += math.prod(shape[:-2]) * shape[-1] ** 3
+        else:
+            cost += math.prod(shape)
+    return cost
+
+
+def assign_owners(costs: Mapping[str, int], n_devices: int) -> dict[str, int]:
+    """``{layer: device}``: longest-processing-time-first scheduling, each layer (most costly
+    first; ties by name) to the device with the least cost so far (ties: the lowest index).
+    Deterministic, so every device computes the same assignment."""
+    if n_devices < 1:
+        raise ValueError(f"n_devices must be at least 1, got {n_devices}.")
+    load = [0] * n_devices
+    owners = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        device = min(range(n_devices), key=lambda d: (load[d], d))
+        owners[name] = device
+        load[device] += costs[name]
+    return owners
+
+
+def device_loads(costs: Mapping[str, int], owners: Mapping[str, int], n_devices: int) -> list:
+    """The summed cost each device refreshes under ``owners``."""
+    load = [0] * n_devices
+    for name, device in owners.items():
+        load[device] += costs[name]
+    return load
+
+
+def refresh_on_owners(
+    costs: Mapping[str, int],
+    refresh_one: Callable[[str], Any],
+    like: Callable[[str], Any],
+    axis_name: Any,
+) -> dict[str, Any]:
+    """``{name: refresh_one(name)}`` for every layer of ``costs``, computed on the layer's owner
+    only and shared across ``axis_name``: each device runs the refreshes it owns
+    (``jax.lax.cond`` on its index; the others return zeros shaped as ``like(name)``) and one
+    ``psum`` of all layers gives every device every result (adding zeros is exact, so the
+    result is the owner's, bit for bit)."""
+    n_devices = jax.lax.psum(1, axis_name)
+    owners = assign_owners(costs, n_devices)
+    me = jax.lax.axis_index(axis_name)
+    local = {}
+    for name in costs:
+        local[name] = jax.lax.cond(
+            me == owners[name],
+            lambda n=name: refresh_one(n),
+            lambda n=name: jax.tree.map(jnp.zeros_like, like(n)),
+        )
+    return jax.lax.psum(local, axis_name)

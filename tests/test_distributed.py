@@ -1,0 +1,49 @@
+"""Placement of refreshes across devices (kfax.distributed): the cost model, the balanced
+assignment, and the options' errors. The strategies' results are compared under pmap and
+shard_map in tests/multidevice (8 simulated devices)."""
+
+import jax.numpy as jnp
+import pytest
+
+import kfax
+from kfax.distributed import assign_owners, device_loads, refresh_cost
+from tests import models
+
+
+def test_the_refresh_cost_is_d_cubed_per_square_factor_and_the_size_otherwise():
+    stats = {"a": jnp.zeros((5, 5)), "b": jnp.zeros((3, 3)), "diag": jnp.zeros(7)}
+    assert refresh_cost(stats) == 5**3 + 3**3 + 7
+    assert refresh_cost(jnp.zeros((4, 6, 6))) == 4 * 6**3  # a stack: each factor counted
+
+
+def test_layers_go_to_the_least_loaded_device_most_costly_first():
+    costs = {"a": 8, "b": 7, "c": 6, "d": 5, "e": 4}
+    owners = assign_owners(costs, 2)
+    # a -> 0, b -> 1, c -> 1 (7 < 8), d -> 0 (8 < 13), e -> 0 (13 = 13: the lower index)
+    assert owners == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 0}
+    assert device_loads(costs, owners, 2) == [17, 13]
+
+
+def test_the_assignment_is_deterministic_and_covers_every_layer_once():
+    costs = {f"layer_{i}": (i * 37) % 11 for i in range(20)}
+    first = assign_owners(costs, 8)
+    assert first == assign_owners(dict(reversed(list(costs.items()))), 8)
+    assert sorted(first) == sorted(costs)
+    loads = device_loads(costs, first, 8)
+    # LPT's guarantee: no device exceeds the mean load by more than the largest single cost
+    assert max(loads) <= sum(costs.values()) / 8 + max(costs.values())
+
+
+def test_one_device_owns_everything():
+    assert set(assign_owners({"a": 3, "b": 1}, 1).values()) == {0}
+    with pytest.raises(ValueError, match="n_devices must be at least 1"):
+        assign_owners({"a": 1}, 0)
+
+
+def test_distributed_inverses_need_an_axis_name_and_unknown_strategies_are_named():
+    params, apply_fn, x, _ = models.mlp()
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    with pytest.raises(ValueError, match="axis_name is None"):
+        kfax.scale_by_kfac(apply_fn, loss, example_inputs=x, inverse_strategy="distributed")
+    with pytest.raises(ValueError, match="inverse_strategy must be one of"):
+        kfax.kfac(0.1, apply_fn, loss, example_inputs=x, inverse_strategy="kaisa")
