@@ -294,3 +294,49 @@ def test_the_data_parallel_example_names_a_batch_that_does_not_divide():
 
     with pytest.raises(SystemExit, match="does not divide over 8 devices"):
         data_parallel.main(["--batch-size", "1001"])
+
+
+@pytest.mark.parametrize("inverse_strategy", ["replicated", "distributed"])
+def test_float32_pmap_step_matches_one_device_within_rounding(problem, inverse_strategy):
+    """float32: 8 devices pool 4-example moments where one device sums 32, so the factors
+    differ by rounding, |dF| <= ~BATCH * eps32 * |F| (tolerance 1e-5); a damped inverse
+    amplifies that by at most its condition number kappa, and the update (inverse x gradient x
+    inverse) by kappa_A * kappa_B, measured here from the float64 factors (tolerance
+    1e-5 * kappa_A * kappa_B, floor 1e-5)."""
+    params, apply_fn, x, y = problem
+    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    x32 = x.astype(jnp.float32)
+    options = dict(kind="exact", damping=1e-2, axis_name=None)
+
+    def build(**more):
+        return kfax.scale_by_kfac(apply_fn, LOSS, example_inputs=x32[:4], **{**options, **more})
+
+    def step(tx, axis=None):
+        def inner(p, s, xb, yb):
+            g = jax.grad(lambda q: LOSS(apply_fn(q, xb), yb))(p)
+            if axis:
+                g = jax.lax.pmean(g, axis)
+            return tx.update(g, s, p, inputs=xb, targets=yb)
+
+        return inner
+
+    one = build()
+    u_one, s_one = jax.jit(step(one))(params32, one.init(params32), x32, y)
+    many = build(axis_name="devices", inverse_strategy=inverse_strategy)
+    xs, ys = x32.reshape(DEVICES, -1, x.shape[-1]), y.reshape(DEVICES, -1)
+    u_many, s_many = jax.pmap(step(many, "devices"), axis_name="devices")(
+        replicate(params32), replicate(many.init(params32)), xs, ys
+    )
+    u_many, s_many = jax.tree.map(lambda a: a[DEVICES - 1], (u_many, s_many))
+    assert_close(s_many.statistics, s_one.statistics, rtol=1e-5)
+    exact = jax.jit(kfax.kronecker_factors(apply_fn, LOSS, kind="exact"))(params, x, targets=y)
+    kappa = 0.0  # the largest kappa_A * kappa_B over the layers
+    for factors in exact.values():
+        product = 1.0
+        for f in (factors.a, factors.b):
+            eig = np.linalg.eigvalsh(np.asarray(f))
+            product *= (eig.max() + 0.1) / (eig.min() + 0.1)  # damping 1e-2: ~0.1 each side
+        kappa = max(kappa, product)
+    print(f"largest kappa_A * kappa_B: {kappa:.1f}")
+    assert_close(u_many, u_one, rtol=max(1e-5, 1e-5 * kappa))
+    assert_close(s_many.curvature, s_one.curvature, rtol=max(1e-5, 1e-5 * kappa))
