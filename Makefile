@@ -28,7 +28,7 @@ demo: venv
 # The main suite, then the multi-device tests in a process of their own (8 simulated devices).
 test: venv
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
-	$(VENV)/bin/python -m pytest tests/multidevice -n 2 --dist loadfile -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest tests/multidevice -n 2 --dist load -q $(PYTEST_ARGS)
 
 # Only the research notebooks (tests/test_notebooks.py, also part of `make test`): each runs in a
 # fresh kernel, asserts its conclusions and saves its figures to notebooks/figures/; prints each
