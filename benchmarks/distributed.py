@@ -13,11 +13,11 @@ trained data-parallel under ``jax.pmap`` with ``kfax.scale_by_kfac(axis_name=...
 * **Work per device**: the refresh cost model (``d^3`` per factor, :mod:`kfax.distributed`) of
   what each device refreshes: everything (``replicated``), or its share (``distributed``, the
   balanced assignment), against the total.
-* **Bytes per step**: the all-reduce and all-gather operands in the compiled HLO of one step
-  that takes statistics and refreshes (``stats_every=inverse_every=1``), split into the
-  statistics' collectives (the same for both strategies) and the sharing of refreshed inverses
-  (``distributed`` only), against the gradient's all-reduce (``pmean`` of the gradient, compiled
-  on its own); amortised over ``inverse_every=10`` as well.
+* **Bytes per step**: the all-reduce and all-gather results in the compiled HLO of one step
+  that takes statistics (``stats_every=1``) minus the gradient's all-reduce (``pmean`` of the
+  gradient, compiled on its own): the statistics' collectives, the same for both strategies;
+  and the bytes of the layers' curvature and health, which the distributed refresh shares in
+  one psum per refresh (amortised over ``inverse_every=10`` as well).
 * **Time per step** with a refresh every step and without refreshes, on the simulated devices:
   they share this machine's cores, so the time measures the *total* work of all devices (the
   replicated strategy does each inverse ``n_devices`` times), not the speed of a real cluster.
@@ -160,8 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds_per_step_without_refresh": round(without_refresh, 5),
             "compile_seconds": round(compile_seconds, 2),
         }
-    replicated, distributed = results["replicated"], results["distributed"]
-    sharing = distributed["collective_bytes_per_step"] - replicated["collective_bytes_per_step"]
+    replicated = results["replicated"]
+    # What the distributed refresh's psum carries: every layer's curvature and health. (The
+    # compiled step holds the refresh twice, in both branches of the statistics cadence, so the
+    # HLO's collective bytes count that psum twice; only one branch runs per step.)
+    sharing = sum(int(leaf.nbytes) for leaf in jax.tree.leaves((state.curvature, state.health)))
     summary = {
         "gradient_allreduce_bytes": replicated["gradient_allreduce_bytes"],
         "statistics_collective_bytes": replicated["collective_bytes_per_step"]

@@ -343,3 +343,19 @@ def test_float32_pmap_step_matches_one_device_within_rounding(problem, inverse_s
     print(f"largest kappa_A * kappa_B: {kappa:.1f}")
     assert_close(u_many, u_one, rtol=max(1e-5, 1e-5 * kappa))
     assert_close(s_many.curvature, s_one.curvature, rtol=max(1e-5, 1e-5 * kappa))
+
+
+def test_the_distributed_benchmark_measures_work_and_bytes_of_both_strategies(tmp_path):
+    from benchmarks import distributed  # noqa: PLC0415
+
+    record = distributed.main(["--quick", "--steps=1", f"--out={tmp_path}"])
+    summary, strategies = record["summary"], record["strategies"]
+    assert (tmp_path / "distributed_autoencoder_quick_b64.json").is_file()
+    most = summary["max_refresh_cost_per_device"]
+    assert (
+        most["distributed"] < most["replicated"] == strategies["replicated"]["refresh_cost_total"]
+    )
+    owners = strategies["distributed"]["owners"]
+    assert sorted(set(owners.values())) == list(range(len(set(owners.values()))))
+    assert summary["inverse_sharing_bytes_per_refresh"] > 0
+    assert 0 < summary["gradient_allreduce_bytes"] < summary["statistics_collective_bytes"]
