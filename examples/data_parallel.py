@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_divides(batch_size: int, devices: int) -> None:
+    if batch_size < devices:
+        raise SystemExit(
+            f"--batch-size {batch_size} gives no example to some of the {devices} devices; use a "
+            f"positive multiple of {devices}."
+        )
     if batch_size % devices:
         raise SystemExit(
             f"--batch-size {batch_size} does not divide over {devices} devices: each device "

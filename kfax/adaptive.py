@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from kfax import _trees, _validation
@@ -110,7 +111,12 @@ def _solve(b: jax.Array, m: jax.Array, has_previous: jax.Array) -> tuple[jax.Arr
     return jnp.where(use_two, alpha_two, alpha_one), jnp.where(use_two, mu_two, 0.0)
 
 
-def _warn_gradient_scale(scale) -> None:
+def _warn_gradient_scale(scale, warn) -> None:
+    # `warn` is checked here too: under jax.vmap the lax.cond around this callback becomes a
+    # select, which runs the callback whatever the condition.
+    if not np.any(np.asarray(warn)):
+        return
+    scale = np.asarray(scale)[np.asarray(warn)].ravel()[0] if np.ndim(scale) else scale
     warnings.warn(
         "kfax.quadratic_model_step: the gradient passed to update is not the gradient of kfax's "
         "mean loss on inputs (its directional derivative differs by a factor "
@@ -152,11 +158,8 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
     along = _trees.vdot(grads, delta)
     scale = along / jnp.where(b[0] != 0, b[0], 1.0)
     # A zero gradient (optax.MultiSteps between its applying steps) says nothing of the scale.
-    jax.lax.cond(
-        (along != 0) & (jnp.abs(scale - 1) > _SCALE_TOLERANCE),
-        lambda: jax.debug.callback(_warn_gradient_scale, scale),
-        lambda: None,
-    )
+    warn = (along != 0) & (jnp.abs(scale - 1) > _SCALE_TOLERANCE)
+    jax.lax.cond(warn, lambda: jax.debug.callback(_warn_gradient_scale, scale, warn), lambda: None)
 
     def ratio():
         new = optax.apply_updates(params, step)

@@ -164,8 +164,10 @@ def scale_by_kfac(
         _statistics.check_batch_axes(batch_axes, example_inputs)
     if unmatched is not None and not isinstance(unmatched, optax.GradientTransformation):
         raise ValueError(f"unmatched must be an optax GradientTransformation, got {unmatched!r}.")
-    if axis_name is not None and not isinstance(axis_name, (str, tuple)):
-        raise ValueError(f"axis_name must be a string or a tuple of strings, got {axis_name!r}.")
+    if axis_name is not None and not _is_axis_name(axis_name):
+        raise ValueError(
+            f"axis_name must be a non-empty string or a non-empty tuple of them, got {axis_name!r}."
+        )
     _validation.choice("weight_sharing", weight_sharing, WEIGHT_SHARINGS)
     _validation.choice("inverse_strategy", inverse_strategy, INVERSE_STRATEGIES)
     if inverse_strategy == "distributed" and axis_name is None:
@@ -214,7 +216,8 @@ def scale_by_kfac(
                 n: LayerHealth(*(jnp.zeros((), jnp.int32) for _ in range(3))) for n in layers.blocks
             },
             unmatched=others.init(layers.unmatched_leaves(params)),
-            damping=jnp.asarray(initial, dtype),
+            damping=jnp.array(initial, dtype),  # a copy: donating the state must not free
+            # the caller's array (optax.inject_hyperparams keeps it in its own state)
         )
 
     def update_fn(
@@ -282,6 +285,12 @@ def _check_floating(params) -> None:
             "nnx.Optimizer(model, tx, wrt=nnx.Param)) and feed the rest (batch statistics, RNG "
             "state) to apply_fn through the inputs; see the README's nnx section."
         )
+
+
+def _is_axis_name(axis_name) -> bool:
+    if isinstance(axis_name, tuple):
+        return bool(axis_name) and all(_is_axis_name(a) for a in axis_name)
+    return isinstance(axis_name, str) and bool(axis_name)
 
 
 def _check_axis_bound(axis_name) -> None:

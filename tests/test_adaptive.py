@@ -184,3 +184,26 @@ def test_damping_moves_only_on_measurement_steps_by_the_levenberg_marquardt_fact
             lam = lam * factor if rho > 0.75 else lam / factor if rho < 0.25 else lam
         np.testing.assert_allclose(state.damping, lam, rtol=1e-12)
         params = optax.apply_updates(params, updates)
+
+
+def test_under_vmap_only_the_replicas_with_another_gradient_scale_warn():
+    """jax.vmap turns the lax.cond around the warning into a select, which runs the callback
+    for every replica: the callback itself checks the condition. Replica 0 gets the mean
+    loss's gradient, replica 1 the sum's (32x): one warning, naming 32."""
+    params, apply_fn, inputs, _ = models.mlp(sizes=(4, 8, 3), batch=32)
+    targets = jnp.arange(32) % 3
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs)
+
+    def step(p, s, factor):
+        return _scaled_step(opt, loss, apply_fn, p, s, inputs, targets, factor)
+
+    pair = lambda t: jax.tree.map(lambda a: jnp.stack([a, a]), t)  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jax.block_until_ready(
+            jax.jit(jax.vmap(step))(pair(params), pair(opt.init(params)), jnp.array([1.0, 32.0]))
+        )
+        jax.effects_barrier()
+    scale = [str(w.message) for w in caught if "not the gradient of kfax's" in str(w.message)]
+    assert len(scale) == 1 and "factor 32" in scale[0], scale

@@ -47,3 +47,19 @@ def test_distributed_inverses_need_an_axis_name_and_unknown_strategies_are_named
         kfax.scale_by_kfac(apply_fn, loss, example_inputs=x, inverse_strategy="distributed")
     with pytest.raises(ValueError, match="inverse_strategy must be one of"):
         kfax.kfac(0.1, apply_fn, loss, example_inputs=x, inverse_strategy="kaisa")
+
+
+@pytest.mark.parametrize("axis_name", [(), ("a", ""), (1, 2), "", ["a"]])
+def test_an_axis_name_that_names_no_axis_is_refused_at_build(axis_name):
+    params, apply_fn, x, _ = models.mlp()
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    with pytest.raises(ValueError, match="axis_name must be a non-empty string"):
+        kfax.scale_by_kfac(apply_fn, loss, example_inputs=x, axis_name=axis_name)
+
+
+@pytest.mark.parametrize("batch_size", [0, -8, 7])
+def test_the_data_parallel_example_refuses_a_batch_some_device_gets_nothing_of(batch_size):
+    from examples.data_parallel import check_divides  # noqa: PLC0415
+
+    with pytest.raises(SystemExit, match=f"--batch-size {batch_size}"):
+        check_divides(batch_size, 8)

@@ -271,3 +271,29 @@ def test_every_state_leaf_is_its_own_buffer_so_the_state_can_be_donated(model, o
 
     p, s = jax.jit(step, donate_argnums=(0, 1))(params, state)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves((p, s)))
+
+
+def test_an_injected_hyperparameter_state_can_be_donated_through_multisteps():
+    """optax.inject_hyperparams keeps the damping it passes to kfac in its own state: kfax's
+    state must hold a copy, or donating the whole state frees one buffer twice."""
+    params, apply_fn, x, _ = models.mlp()
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    y = jnp.arange(x.shape[0]) % 3
+    static = ("apply_fn", "loss", "example_inputs")
+    opt = optax.MultiSteps(
+        optax.inject_hyperparams(kfax.kfac, static_args=static)(
+            learning_rate=0.1, apply_fn=apply_fn, loss=loss, example_inputs=x
+        ),
+        every_k_schedule=2,
+    )
+    state = opt.init(params)
+    pointers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state)]
+    assert len(set(pointers)) == len(pointers)
+
+    def step(p, s):
+        g = jax.grad(lambda q: loss(apply_fn(q, x), y))(p)
+        u, s = opt.update(g, s, p, inputs=x, targets=y)
+        return optax.apply_updates(p, u), s
+
+    p, s = jax.jit(step, donate_argnums=(0, 1))(params, state)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(p))
