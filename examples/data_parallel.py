@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--width", type=int, default=256, help="of the two hidden layers")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     mesh = jax.make_mesh((devices,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
-    module = MLPClassifier(features=(256, 256))
+    module = MLPClassifier(features=(args.width, args.width))
     params = module.init(jax.random.key(args.seed), jnp.zeros((1, images.shape[1])))["params"]
 
     def apply_fn(p, x):

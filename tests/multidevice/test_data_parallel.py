@@ -91,15 +91,15 @@ def assert_close_at_step(i, actual, expected, rtol=1e-9):
 
 
 @pytest.mark.parametrize(
-    "kind, inverse_strategy",
-    [("exact", "replicated"), ("empirical", "replicated"), ("exact", "distributed")],
+    "kind, inverse_strategy", [("exact", "replicated"), ("empirical", "distributed")]
 )
 def test_pmap_matches_one_device_on_the_whole_batch_for_twenty_adaptive_steps(
     problem, kind, inverse_strategy
 ):
     """Every step (statistics every step, refreshes every 10, damping every step) on devices 0
     and 7: with ``inverse_strategy="distributed"`` the three layers are refreshed on devices 0,
-    1 and 2 only and shared, and device 7, which refreshes none, holds the same state."""
+    1 and 2 only and shared, and device 7, which refreshes none, holds the same state. (The
+    other pairs of kind and strategy: the shard_map test runs both strategies on "exact".)"""
     params, apply_fn, x, y = problem
     expected = single_device_run(problem, 20, kind=kind)
     opt = optimiser(apply_fn, x, axis_name="devices", kind=kind, inverse_strategy=inverse_strategy)
@@ -260,11 +260,11 @@ def test_a_batch_that_does_not_divide_across_devices_is_a_clear_error(problem):
     could hide it. 30 examples do not divide over 8 devices."""
     params, apply_fn, x, y = problem
     mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
-    with pytest.raises(ValueError, match="divisible by 8"):
+    with pytest.raises(ValueError, match="partitioned 8 times.*evenly divide"):
         jax.device_put(x[:30], NamedSharding(mesh, P("batch")))
     opt = optimiser(apply_fn, x, axis_name="batch", kind="exact")
     step = jax.jit(_shard_mapped_step(opt, apply_fn, check_vma=False))
-    with pytest.raises(ValueError, match="divisible by 8"):
+    with pytest.raises(ValueError, match="8 does not evenly divide 30"):
         step(params, opt.init(params), x[:30], y[:30])
 
 
@@ -287,7 +287,7 @@ def test_a_batch_sharded_over_explicit_mesh_axes_is_a_clear_error(problem):
 def test_the_data_parallel_example_trains_on_eight_devices(argv):
     from examples import data_parallel  # noqa: PLC0415
 
-    result = data_parallel.main([*argv, "--steps", "8", "--batch-size", "64"])
+    result = data_parallel.main([*argv, "--steps", "8", "--batch-size", "64", "--width", "32"])
     assert result["devices"] == DEVICES
     assert result["losses"][-1] < 0.8 * result["losses"][0]  # from ~2.3 (ten classes)
 
@@ -299,8 +299,7 @@ def test_the_data_parallel_example_names_a_batch_that_does_not_divide():
         data_parallel.main(["--batch-size", "1001"])
 
 
-@pytest.mark.parametrize("inverse_strategy", ["replicated", "distributed"])
-def test_float32_pmap_step_matches_one_device_within_rounding(problem, inverse_strategy):
+def test_float32_pmap_step_matches_one_device_within_rounding(problem):
     """float32: 8 devices pool 4-example moments where one device sums 32, so the factors
     differ by rounding, |dF| <= ~BATCH * eps32 * |F| (tolerance 1e-5); a damped inverse
     amplifies that by at most its condition number kappa, and the update (inverse x gradient x
@@ -325,7 +324,7 @@ def test_float32_pmap_step_matches_one_device_within_rounding(problem, inverse_s
 
     one = build()
     u_one, s_one = jax.jit(step(one))(params32, one.init(params32), x32, y)
-    many = build(axis_name="devices", inverse_strategy=inverse_strategy)
+    many = build(axis_name="devices", inverse_strategy="distributed")  # pools as "replicated"
     xs, ys = x32.reshape(DEVICES, -1, x.shape[-1]), y.reshape(DEVICES, -1)
     u_many, s_many = jax.pmap(step(many, "devices"), axis_name="devices")(
         replicate(params32), replicate(many.init(params32)), xs, ys
@@ -348,7 +347,7 @@ def test_float32_pmap_step_matches_one_device_within_rounding(problem, inverse_s
 def test_the_distributed_benchmark_measures_work_and_bytes_of_both_strategies(tmp_path):
     from benchmarks import distributed  # noqa: PLC0415
 
-    record = distributed.main(["--quick", "--steps=1", f"--out={tmp_path}"])
+    record = distributed.main(["--quick", "--steps=0", f"--out={tmp_path}"])  # no timing
     summary, strategies = record["summary"], record["strategies"]
     assert (tmp_path / "distributed_autoencoder_quick_b64.json").is_file()
     most = summary["max_refresh_cost_per_device"]
