@@ -40,7 +40,21 @@ def refresh_cost(statistics: Any) -> int:
 def assign_owners(costs: Mapping[str, int], n_devices: int) -> dict[str, int]:
     """``{layer: device}``: longest-processing-time-first scheduling, each layer (most costly
     first; ties by name) to the device with the least cost so far (ties: the lowest index).
-    Deterministic, so every device computes the same assignment."""
+    Deterministic, so every device computes the same assignment. No device's load exceeds the
+    mean load by more than the largest single cost (Graham's bound for this rule).
+
+    Args:
+      costs: ``{layer name: refresh cost}`` (e.g. :func:`refresh_cost` of its statistics).
+      n_devices: the number of devices on the axis, at least 1.
+
+    Raises:
+      ValueError: for ``n_devices < 1``.
+
+    Example:
+      >>> from kfax.distributed import assign_owners
+      >>> assign_owners({"a": 8, "b": 7, "c": 6, "d": 5}, 2)
+      {'a': 0, 'b': 1, 'c': 1, 'd': 0}
+    """
     if n_devices < 1:
         raise ValueError(f"n_devices must be at least 1, got {n_devices}.")
     load = [0] * n_devices

@@ -63,3 +63,10 @@ def test_the_data_parallel_example_refuses_a_batch_some_device_gets_nothing_of(b
 
     with pytest.raises(SystemExit, match=f"--batch-size {batch_size}"):
         check_divides(batch_size, 8)
+
+
+def test_the_module_examples_run():
+    import doctest  # noqa: PLC0415
+
+    result = doctest.testmod(kfax.distributed)
+    assert result.attempted >= 1 and result.failed == 0
