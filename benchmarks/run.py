@@ -341,16 +341,14 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
-FAILED: dict[str, str] = {}  # label -> why its runner did not start (reported under "skipped")
-
-
 def race(
     specs: list[Spec], task: Task, args: argparse.Namespace, evaluate, phase: int
-) -> tuple[list[dict], list[list[float]]]:
-    """Compiles the specs' runners and races them interleaved: one entry per run, and the
-    load averages ``[phase, seconds, 1-, 5-, 15-minute]`` after every round."""
+) -> tuple[list[dict], list[list[float]], dict[str, str]]:
+    """Compiles the specs' runners and races them interleaved: one entry per run, the load
+    averages ``[phase, seconds, 1-, 5-, 15-minute]`` after every round, and ``{label: why}`` for
+    each runner that failed to start (reported under "skipped")."""
     first_batch = _device(next(batch_stream(task, args.batch_size, args.seed)))
-    runners, started = [], []
+    runners, started, failed = [], [], {}
     for spec in progress_bar(specs, desc="compiling", leave=False):
         runner = make_runner(spec, task, args.seed)
         try:
@@ -358,13 +356,13 @@ def race(
         except Exception as error:  # a peer that cannot build or compile on this task
             reason = f"failed to start: {type(error).__name__}: {str(error).splitlines()[0]}"
             warnings.warn(f"{spec.label}: {reason}", stacklevel=2)
-            FAILED[spec.label] = reason
+            failed[spec.label] = reason
             continue
         runners.append(runner)
         started.append(spec)
     specs = started
     if not runners:
-        raise RuntimeError(f"no optimiser started: {FAILED}")
+        raise RuntimeError(f"no optimiser started: {failed}")
     streams = [batch_stream(task, args.batch_size, args.seed) for _ in runners]
     total = len(runners) * args.budget_seconds
     bar = "{l_bar}{bar}| {n:.0f}/{total:.0f} timed s [{elapsed}<{remaining}]"
@@ -398,14 +396,15 @@ def race(
                 "eval_loss": eval_loss,
             }
         )
-    return runs, [[phase, *entry] for entry in load]
+    return runs, [[phase, *entry] for entry in load], failed
 
 
 def widen_grids(
     runs: list[dict], specs: list[Spec], args: argparse.Namespace, task: Task, evaluate
-) -> tuple[list[dict], list[list[float]]]:
+) -> tuple[list[dict], list[list[float]], dict[str, str]]:
     """Phases of extra runs beyond the edge of every grid whose best value sits there."""
     load: list[list[float]] = []
+    failed: dict[str, str] = {}
     for phase in range(1, args.widen + 1):
         new = []
         for group in dict.fromkeys(s.group for s in specs):
@@ -418,9 +417,9 @@ def widen_grids(
         if not new:
             break
         print(f"widening: {', '.join(s.label for s in new)}", flush=True)
-        more, more_load = race(new, task, args, evaluate, phase)
-        runs, load = runs + more, load + more_load
-    return runs, load
+        more, more_load, more_failed = race(new, task, args, evaluate, phase)
+        runs, load, failed = runs + more, load + more_load, {**failed, **more_failed}
+    return runs, load, failed
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -437,8 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not specs:
         raise ValueError(f"no optimiser to run (skipped: {skipped})")
     evaluate = evaluator(task, args.batch_size)
-    runs, load = race(specs, task, args, evaluate, phase=0)
-    runs, more_load = widen_grids(runs, specs, args, task, evaluate)
+    runs, load, failed = race(specs, task, args, evaluate, phase=0)
+    runs, more_load, more_failed = widen_grids(runs, specs, args, task, evaluate)
     info["loadavg_end"] = list(os.getloadavg())
     info["loadavg_during"] = load + more_load  # [phase, seconds, 1-, 5-, 15-minute load]
 
@@ -467,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
         "task_description": task.description,
         "loss_unit": task.loss_unit,
         "param_bytes": sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(task.params)),
-        "skipped": {**skipped, **FAILED},
+        "skipped": {**skipped, **failed, **more_failed},
         "target": target,
         "target_rule": "--target" if args.target is not None else "best Adam final reported loss",
         "grid_edges": edges,

@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kfax import _validation
+
 INVERSE_STRATEGIES = ("replicated", "distributed")
 
 
@@ -96,3 +98,57 @@ def refresh_on_owners(
             lambda n=name: jax.tree.map(jnp.zeros_like, like(n)),
         )
     return jax.lax.psum(local, axis_name)
+
+
+def check_device_options(axis_name: Any, inverse_strategy: str) -> None:
+    """Build-time checks of ``axis_name`` and ``inverse_strategy``."""
+    if axis_name is not None and not _is_axis_name(axis_name):
+        raise ValueError(
+            f"axis_name must be a non-empty string or a non-empty tuple of them, got {axis_name!r}."
+        )
+    _validation.choice("inverse_strategy", inverse_strategy, INVERSE_STRATEGIES)
+    if inverse_strategy == "distributed" and axis_name is None:
+        raise ValueError(
+            'inverse_strategy="distributed" shares refreshes across the devices of axis_name '
+            "(pmap / shard_map), but axis_name is None. Under sharded jax.jit (no axis_name) "
+            'every device refreshes every layer; use inverse_strategy="replicated".'
+        )
+
+
+def _is_axis_name(axis_name) -> bool:
+    if isinstance(axis_name, tuple):
+        return bool(axis_name) and all(_is_axis_name(a) for a in axis_name)
+    return isinstance(axis_name, str) and bool(axis_name)
+
+
+def check_axis_bound(axis_name) -> None:
+    if axis_name is None:
+        return
+    try:
+        jax.lax.axis_index(axis_name)
+    except NameError:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not bound: call update inside jax.pmap(..., "
+            f"axis_name={axis_name!r}) or jax.shard_map over a mesh with that axis (under "
+            "sharded jax.jit leave axis_name=None: XLA inserts the collectives)."
+        ) from None
+
+
+def check_not_explicitly_sharded(outputs: Any) -> None:
+    """Statistics contract over the batch; a batch sharded over mesh axes of type ``Explicit``
+    (the default of ``jax.make_mesh`` in recent JAX) makes JAX ask every such contraction for an
+    output sharding. Name the supported set-ups instead of that error."""
+    for leaf in jax.tree.leaves(outputs):
+        sharding = getattr(jax.typeof(leaf), "sharding", None) if hasattr(jax, "typeof") else None
+        explicit = set(getattr(getattr(sharding, "mesh", None), "explicit_axes", ()) or ())
+        used = set()
+        for entry in getattr(sharding, "spec", ()) or ():
+            used.update(entry if isinstance(entry, tuple) else (entry,))
+        if explicit & used:
+            raise ValueError(
+                f"kfax got a batch sharded over mesh axes {sorted(explicit & used)} of type "
+                "AxisType.Explicit; kfax supports data parallelism over Auto axes (sharded "
+                "jax.jit: jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) "
+                "* len(names)); XLA inserts the collectives) and over manual axes (jax.shard_map "
+                "or jax.pmap with axis_name= set on the kfax transform)."
+            )

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kfax import _capture, _layers, _tracing, _validation
+from kfax import _capture, _layers, _tracing, _validation, distributed
 from kfax.losses import Loss
 
 KINDS = ("mc", "exact", "empirical")
@@ -252,7 +252,7 @@ def pass_from_capture(
 ) -> Pass:
     """The statistics of a tapped forward pass that has already run (see :func:`statistics_pass`;
     :func:`kfax.value_and_grad` shares its forward pass with the gradient)."""
-    check_not_explicitly_sharded(tapped.outputs)
+    distributed.check_not_explicitly_sharded(tapped.outputs)
     if axis_name is not None and key is not None:
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
     kappa = position_weights(loss, tapped.outputs, targets, where)
@@ -423,24 +423,4 @@ def check_batch_axes_entries(batch_axes: Any) -> None:
             raise ValueError(
                 f"batch_axes entries must be 0 (batched along the leading axis) or None (not "
                 f"batched), got {axis!r} in batch_axes={batch_axes!r}."
-            )
-
-
-def check_not_explicitly_sharded(outputs: Any) -> None:
-    """Statistics contract over the batch; a batch sharded over mesh axes of type ``Explicit``
-    (the default of ``jax.make_mesh`` in recent JAX) makes JAX ask every such contraction for an
-    output sharding. Name the supported set-ups instead of that error."""
-    for leaf in jax.tree.leaves(outputs):
-        sharding = getattr(jax.typeof(leaf), "sharding", None) if hasattr(jax, "typeof") else None
-        explicit = set(getattr(getattr(sharding, "mesh", None), "explicit_axes", ()) or ())
-        used = set()
-        for entry in getattr(sharding, "spec", ()) or ():
-            used.update(entry if isinstance(entry, tuple) else (entry,))
-        if explicit & used:
-            raise ValueError(
-                f"kfax got a batch sharded over mesh axes {sorted(explicit & used)} of type "
-                "AxisType.Explicit; kfax supports data parallelism over Auto axes (sharded "
-                "jax.jit: jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) "
-                "* len(names)); XLA inserts the collectives) and over manual axes (jax.shard_map "
-                "or jax.pmap with axis_name= set on the kfax transform)."
             )

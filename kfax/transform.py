@@ -10,6 +10,7 @@ block kinds are invisible here.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfax import _capture, _validation
+from kfax import _arguments, _capture, _validation, distributed
 from kfax import statistics as _statistics
 from kfax._plan import Plan, make_plan
 from kfax._step import KFACState, LayerHealth, preconditioner_step
@@ -29,7 +30,6 @@ from kfax.blocks import (
     BlockChoice,
     check_block_choice,
 )
-from kfax.distributed import INVERSE_STRATEGIES
 from kfax.losses import Loss, check_loss
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -156,71 +156,88 @@ def scale_by_kfac(
       NeurIPS 2018 (EKFAC). George, "The algebra of second order methods" (centring).
     """
     _check_options(loss, kind, damping, block, centering, ema_decay, stats_every, inverse_every)
-    samples = _statistics.check_samples(samples)
-    stats_batch_size = _validation.static_count("stats_batch_size", stats_batch_size)
-    _validation.integer("seed", seed)
     _statistics.check_batch_axes_entries(batch_axes)
     if example_inputs is not None:
         _statistics.check_batch_axes(batch_axes, example_inputs)
     if unmatched is not None and not isinstance(unmatched, optax.GradientTransformation):
         raise ValueError(f"unmatched must be an optax GradientTransformation, got {unmatched!r}.")
-    if axis_name is not None and not _is_axis_name(axis_name):
-        raise ValueError(
-            f"axis_name must be a non-empty string or a non-empty tuple of them, got {axis_name!r}."
-        )
+    _validation.integer("seed", seed)
     _validation.choice("weight_sharing", weight_sharing, WEIGHT_SHARINGS)
-    _validation.choice("inverse_strategy", inverse_strategy, INVERSE_STRATEGIES)
-    if inverse_strategy == "distributed" and axis_name is None:
-        raise ValueError(
-            'inverse_strategy="distributed" shares refreshes across the devices of axis_name '
-            "(pmap / shard_map), but axis_name is None. Under sharded jax.jit (no axis_name) "
-            'every device refreshes every layer; use inverse_strategy="replicated".'
-        )
+    distributed.check_device_options(axis_name, inverse_strategy)
     max_factor_size = _validation.static_count("max_factor_size", max_factor_size)
-    max_factor_size = DEFAULT_MAX_FACTOR_SIZE if max_factor_size is None else max_factor_size
-    options = dict(
-        kind=kind,
-        samples=samples,
-        block=block,
-        centering=centering,
-        axis_name=axis_name,
-        weight_sharing=weight_sharing,
-        max_factor_size=max_factor_size,
-        inverse_strategy=inverse_strategy,
+    preconditioner = _Preconditioner(
+        apply_fn,
+        loss,
+        example_inputs,
+        damping,
+        (ema_decay, stats_every, inverse_every),
+        _validation.static_count("stats_batch_size", stats_batch_size),
+        batch_axes,
+        IDENTITY if unmatched is None else unmatched,
+        seed,
+        plan_options=dict(
+            kind=kind,
+            samples=_statistics.check_samples(samples),
+            block=block,
+            centering=centering,
+            axis_name=axis_name,
+            weight_sharing=weight_sharing,
+            max_factor_size=DEFAULT_MAX_FACTOR_SIZE if max_factor_size is None else max_factor_size,
+            inverse_strategy=inverse_strategy,
+        ),
     )
-    others = IDENTITY if unmatched is None else unmatched
+    return optax.GradientTransformationExtraArgs(preconditioner.init, preconditioner.update)
 
-    def plan(params, inputs) -> Plan:
-        return make_plan(apply_fn, loss, params, inputs, others=others, **options)
 
-    def init_fn(params):
-        if example_inputs is None:
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Preconditioner:
+    """The checked options of one :func:`scale_by_kfac`, and its ``init`` and ``update``."""
+
+    apply_fn: Callable[[Any, Any], jax.Array]
+    loss: Loss
+    example_inputs: Any
+    damping: ScalarOrSchedule
+    cadence: tuple  # (ema_decay, stats_every, inverse_every)
+    stats_batch_size: int | None
+    batch_axes: Any
+    others: optax.GradientTransformation
+    seed: int
+    plan_options: dict
+
+    def plan(self, params, inputs) -> Plan:
+        return make_plan(
+            self.apply_fn, self.loss, params, inputs, others=self.others, **self.plan_options
+        )
+
+    def init(self, params) -> KFACState:
+        if self.example_inputs is None:
             raise ValueError(
                 "scale_by_kfac needs example_inputs=... (an array or jax.ShapeDtypeStruct shaped "
                 "like a batch of inputs, any batch size) when it is built: optax's init(params) "
                 "sees no inputs, and kfax finds the layers by tracing apply_fn on them."
             )
-        _check_not_masked(params)
-        _check_floating(params)
-        _statistics.check_batch_axes(batch_axes, example_inputs)
-        layers = plan(params, example_inputs)
+        _arguments.check_not_masked(params)
+        _arguments.check_floating(params)
+        _statistics.check_batch_axes(self.batch_axes, self.example_inputs)
+        layers = self.plan(params, self.example_inputs)
         layers.warn_about_suspect_biases(warnings.warn)
         dtype = layers.statistics_dtype(params)
-        initial = damping(0) if callable(damping) else damping
+        initial = self.damping(0) if callable(self.damping) else self.damping
         return KFACState(
             count=jnp.zeros((), jnp.int32),
-            key=jax.random.PRNGKey(seed),
+            key=jax.random.PRNGKey(self.seed),
             statistics={n: b.init(dtype)[0] for n, b in layers.blocks.items()},
             curvature={n: b.init(dtype)[1] for n, b in layers.blocks.items()},
             health={
                 n: LayerHealth(*(jnp.zeros((), jnp.int32) for _ in range(3))) for n in layers.blocks
             },
-            unmatched=others.init(layers.unmatched_leaves(params)),
+            unmatched=self.others.init(layers.unmatched_leaves(params)),
             damping=jnp.array(initial, dtype),  # a copy: donating the state must not free
             # the caller's array (optax.inject_hyperparams keeps it in its own state)
         )
 
-    def update_fn(
+    def update(
+        self,
         updates,
         state,
         params=None,
@@ -233,127 +250,30 @@ def scale_by_kfac(
         **extra,
     ):
         del extra
-        _check_not_masked(params)
-        _check_update_arguments(params, inputs, targets, kind)
-        _check_axis_bound(axis_name)
-        _check_same_structure(updates, params)
-        _check_precomputed(statistics, kind, samples, stats_batch_size)
-        _statistics.check_targets(loss, _capture.trace_layers(apply_fn, params, inputs), targets)
-        if stats_batch_size is not None:
+        kind, samples = self.plan_options["kind"], self.plan_options["samples"]
+        _arguments.check_not_masked(params)
+        _arguments.check_update_arguments(params, inputs, targets, kind)
+        distributed.check_axis_bound(self.plan_options["axis_name"])
+        _arguments.check_same_structure(updates, params)
+        _arguments.check_precomputed(statistics, kind, samples, self.stats_batch_size)
+        traced = _capture.trace_layers(self.apply_fn, params, inputs)
+        _statistics.check_targets(self.loss, traced, targets)
+        if self.stats_batch_size is not None:
             inputs, targets, where = _sub_batch(
-                apply_fn, params, inputs, targets, where, stats_batch_size, batch_axes
+                self.apply_fn,
+                params,
+                inputs,
+                targets,
+                where,
+                self.stats_batch_size,
+                self.batch_axes,
             )
-        layers = plan(params, inputs)
+        layers = self.plan(params, inputs)
         layers.check_state(state, params)
-        lam = _current_damping(damping, state, options_damping)
+        lam = _current_damping(damping, state, self.damping)
         return preconditioner_step(
-            layers, updates, state, params, inputs, targets, where, lam, *cadence, statistics
+            layers, updates, state, params, inputs, targets, where, lam, *self.cadence, statistics
         )
-
-    options_damping = damping
-    cadence = (ema_decay, stats_every, inverse_every)
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_not_masked(params) -> None:
-    """optax.masked / partition / multi_transform hide the other groups' parameters, which the
-    model needs: say how to combine kfax with other optimisers instead."""
-    is_masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
-    if any(is_masked(x) for x in jax.tree.leaves(params, is_leaf=is_masked)):
-        raise ValueError(
-            "kfax received parameters with masked entries (optax.masked, optax.partition or "
-            "optax.multi_transform around kfax hide the other groups' parameters, and kfax needs "
-            "all of them to run apply_fn). Put kfax outside: choose its layers with block= "
-            "(e.g. block={'embed*': None}) and give the rest an optax transform with "
-            "unmatched= (e.g. unmatched=optax.scale_by_adam()), or chain "
-            "kfax.scale_by_kfac(...) first and optax.partition(...) after it."
-        )
-
-
-def _check_floating(params) -> None:
-    """Only floating-point parameters can be optimised; name the others."""
-    paths = jax.tree_util.tree_flatten_with_path(params)[0]
-    other = [
-        f"{jax.tree_util.keystr(path)} ({leaf.dtype})"
-        for path, leaf in paths
-        if not jnp.issubdtype(getattr(leaf, "dtype", jnp.float32), jnp.floating)
-    ]
-    if other:
-        raise ValueError(
-            f"kfax optimises floating-point parameters; params also hold {other[:4]}. Pass only "
-            "the trainable parameters (Flax nnx: nnx.split(model, nnx.Param, ...), or "
-            "nnx.Optimizer(model, tx, wrt=nnx.Param)) and feed the rest (batch statistics, RNG "
-            "state) to apply_fn through the inputs; see the README's nnx section."
-        )
-
-
-def _is_axis_name(axis_name) -> bool:
-    if isinstance(axis_name, tuple):
-        return bool(axis_name) and all(_is_axis_name(a) for a in axis_name)
-    return isinstance(axis_name, str) and bool(axis_name)
-
-
-def _check_axis_bound(axis_name) -> None:
-    if axis_name is None:
-        return
-    try:
-        jax.lax.axis_index(axis_name)
-    except NameError:
-        raise ValueError(
-            f"axis_name {axis_name!r} is not bound: call update inside jax.pmap(..., "
-            f"axis_name={axis_name!r}) or jax.shard_map over a mesh with that axis (under "
-            "sharded jax.jit leave axis_name=None: XLA inserts the collectives)."
-        ) from None
-
-
-def _check_precomputed(batch, kind, samples, stats_batch_size) -> None:
-    """Statistics from :func:`kfax.value_and_grad` must be of this preconditioner's kind."""
-    if batch is None:
-        return
-    if not isinstance(batch, _statistics.Pass):
-        raise ValueError(
-            f"statistics= must come from kfax.value_and_grad (a kfax.statistics.Pass), got "
-            f"{type(batch).__name__}."
-        )
-    if (batch.kind, batch.samples) != (kind, samples):
-        raise ValueError(
-            f"statistics= were taken with kind={batch.kind!r}, samples={batch.samples}, but the "
-            f"preconditioner uses kind={kind!r}, samples={samples}: build kfax.value_and_grad "
-            "with the preconditioner's kind and samples."
-        )
-    if stats_batch_size is not None:
-        raise ValueError(
-            "statistics= (from kfax.value_and_grad) cover the whole batch; stats_batch_size "
-            "asks for a sub-batch. Use one or the other."
-        )
-
-
-def _check_update_arguments(params, inputs, targets, kind) -> None:
-    if params is None:
-        raise ValueError(
-            "scale_by_kfac.update needs params (optax: update(grads, state, params, ...))."
-        )
-    if inputs is None:
-        raise ValueError(
-            "scale_by_kfac.update needs inputs=... , the batch the gradient was computed on: "
-            "opt.update(grads, state, params, inputs=x, targets=y)."
-        )
-    if kind == "empirical" and targets is None:
-        raise ValueError("kind='empirical' needs targets=... in update (the data labels).")
-
-
-def _check_same_structure(updates, params) -> None:
-    """Gradients must have the parameters' tree structure (a missing subtree is named)."""
-    if jax.tree.structure(updates) == jax.tree.structure(params):
-        return
-    have = {p for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]}
-    need = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    missing = [jax.tree_util.keystr(p) for p in need if p not in have]
-    raise ValueError(
-        "the gradients passed to update do not have the structure of params"
-        + (f": missing {missing[:5]}" if missing else f": {jax.tree.structure(updates)}")
-        + ". Pass the gradient of the loss with respect to all of params."
-    )
 
 
 def _sub_batch(apply_fn, params, inputs, targets, where, size, batch_axes):
