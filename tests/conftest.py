@@ -2,13 +2,18 @@
 
 import os
 
-# The tests' programs are small and many: compiling, not running, is most of their time, and
-# the least LLVM optimisation halves it (the numbers each test checks do not depend on it).
-# Set before JAX creates its CPU backend; a flag the user set wins.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    ).strip()
+# The tests' programs are small and many: compiling, not running, is most of their time (an
+# eagerly run op compiles a program of its own). The least LLVM optimisation halves it, and
+# XLA:CPU's older loop emitter for fusions halves it again (the nnx language-model test: 26 s
+# -> 13 s); the numbers each test checks do not depend on either. Set before JAX creates its CPU
+# backend (subprocesses inherit them); a flag the user set wins.
+TEST_XLA_FLAGS = {
+    "xla_backend_optimization_level": "0",
+    "xla_cpu_use_fusion_emitters": "false",
+}
+for _flag, _value in TEST_XLA_FLAGS.items():
+    if _flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{_flag}={_value}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
