@@ -72,7 +72,7 @@ BENCH_PYTHON ?= $(VENV_BENCH)/bin/python
 BENCH_DEPS := $(if $(filter $(VENV_BENCH)/bin/python,$(BENCH_PYTHON)),$(VENV_BENCH)/.installed,venv)
 BENCH_ENV := OPENBLAS_NUM_THREADS=1
 BENCH_TAG ?=
-AUTOENCODER_OPTIMIZERS := adam,muon,psgd,kfac,kfac_adaptive,kfac_adaptive+fused=True,kfac_jax,kfac_jax+damping=1.0+num_burnin_steps=0,kfac_jax_fixed
+AUTOENCODER_OPTIMIZERS := adam,muon,psgd,kfac,kfac_adaptive,kfac_adaptive+fused=True,kfac_adaptive+stats_batch_size=250,kfac_jax,kfac_jax+damping=1.0+num_burnin_steps=0,kfac_jax_fixed
 TRANSFORMER_OPTIMIZERS := adam,muon,psgd,kfac,kfac_adaptive,kfac_adaptive+damping=1.0,kfac_jax
 
 bench-quick: venv

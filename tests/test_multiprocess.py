@@ -28,7 +28,9 @@ def free_port() -> int:
 
 def run_processes(n: int, out: Path) -> None:
     """Start ``n`` workers, wait for all; kill the rest as soon as one fails or time runs out."""
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device each
+    # One CPU device each; the suite's compile flags (tests/conftest.py) are kept.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
     port = free_port()
     command = [sys.executable, "-m", "tests.multiprocess_worker", "--processes", str(n)]
     procs = [
