@@ -111,7 +111,7 @@ def _refresh(plan: Plan, stats, curvature, health, damping):
     """Every block's new curvature; a layer without data or with a non-finite result keeps its
     old one (and a non-finite result counts as a failed refresh)."""
 
-    def one(block, layer_stats, layer_curvature, layer_health):
+    def one(block, layer_stats, layer_curvature, layer_health, damping=damping):
         fresh, ok = keep_if_finite(block.refresh(layer_stats, damping), layer_curvature)
         has_data = layer_health.batches > 0
         fresh = jax.tree.map(lambda f, o: jnp.where(has_data, f, o), fresh, layer_curvature)
@@ -120,12 +120,22 @@ def _refresh(plan: Plan, stats, curvature, health, damping):
 
     if plan.inverse_strategy == "distributed":
         blocks = plan.blocks
-        both = distributed.refresh_on_owners(
-            {name: distributed.refresh_cost(stats[name]) for name in blocks},
-            lambda n: one(blocks[n], stats[n], curvature[n], health[n]),
-            lambda n: (curvature[n], health[n]),
-            plan.axis_name,
-        )
+        costs = {name: distributed.refresh_cost(stats[name]) for name in blocks}
+
+        def shared(stats, curvature, health, damping, axis_name):
+            return distributed.refresh_on_owners(
+                costs,
+                lambda n: one(blocks[n], stats[n], curvature[n], health[n], damping),
+                lambda n: (curvature[n], health[n]),
+                axis_name,
+            )
+
+        if plan.axis_name is not None:  # pmap / shard_map: the axis is bound here
+            both = shared(stats, curvature, health, damping, plan.axis_name)
+        else:  # sharded jax.jit: over the devices of the mesh set with jax.set_mesh
+            both = distributed.refresh_over_context_mesh(
+                shared, stats, curvature, health, jnp.asarray(damping)
+            )
     else:
         # Factorised layer by layer: batched (vmapped) Cholesky and LU factorisations inside
         # the step of a transformer deadlock XLA's CPU runtime now and then (JAX 0.10.2; the

@@ -9,6 +9,10 @@ least loaded device), and the results are shared in one all-reduce in which non-
 contribute zeros. These are the two ends of the trade-off that KAISA measured (Pauloski et al.,
 SC 2021): no broadcast against ``1/n_devices`` of the inverse work per device plus the inverses'
 bytes once per refresh.
+
+Under sharded ``jax.jit`` (no ``axis_name``) the same two strategies apply to the devices of
+the mesh set with ``jax.set_mesh(mesh)``: ``"distributed"`` runs the refresh inside a
+``jax.shard_map`` over every axis of that mesh, with the state replicated in and out.
 """
 
 from __future__ import annotations
@@ -100,6 +104,32 @@ def refresh_on_owners(
     return jax.lax.psum(local, axis_name)
 
 
+def refresh_over_context_mesh(shared: Callable[..., Any], *args: Any) -> Any:
+    """``shared(*args, axis_names)`` inside a ``jax.shard_map`` over every axis of the mesh set
+    with ``jax.set_mesh`` (sharded ``jax.jit``): ``args`` go in replicated and the result comes
+    out replicated, so that :func:`refresh_on_owners` can spread the refreshes over the mesh's
+    devices. The map is manual over all axes and skips varying-axis checks (the refreshes
+    replay blocks written for replicated values)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise ValueError(
+            'inverse_strategy="distributed" without axis_name spreads the refreshes over the '
+            "devices of the mesh set with jax.set_mesh(mesh) (sharded jax.jit), but no mesh is "
+            "set: call the step inside `with jax.set_mesh(mesh):`, or build with axis_name= "
+            'under pmap / shard_map, or use inverse_strategy="replicated".'
+        )
+    names = tuple(mesh.axis_names)
+    spec = jax.sharding.PartitionSpec()
+    mapped = jax.shard_map(
+        lambda *a: shared(*a, names),
+        mesh=mesh,
+        in_specs=tuple(spec for _ in args),
+        out_specs=spec,
+        check_vma=False,
+    )
+    return mapped(*args)
+
+
 def check_device_options(axis_name: Any, inverse_strategy: str) -> None:
     """Build-time checks of ``axis_name`` and ``inverse_strategy``."""
     if axis_name is not None and not _is_axis_name(axis_name):
@@ -107,12 +137,6 @@ def check_device_options(axis_name: Any, inverse_strategy: str) -> None:
             f"axis_name must be a non-empty string or a non-empty tuple of them, got {axis_name!r}."
         )
     _validation.choice("inverse_strategy", inverse_strategy, INVERSE_STRATEGIES)
-    if inverse_strategy == "distributed" and axis_name is None:
-        raise ValueError(
-            'inverse_strategy="distributed" shares refreshes across the devices of axis_name '
-            "(pmap / shard_map), but axis_name is None. Under sharded jax.jit (no axis_name) "
-            'every device refreshes every layer; use inverse_strategy="replicated".'
-        )
 
 
 def _is_axis_name(axis_name) -> bool:

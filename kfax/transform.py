@@ -122,11 +122,14 @@ def scale_by_kfac(
         shown by :func:`kfax.describe`); ``None`` means 4096 (a 64 MiB float32 factor). A
         Python int: it sets array shapes, so ``optax.inject_hyperparams`` must list it in
         ``static_args``.
-      inverse_strategy: with ``axis_name``, where refreshes run: ``"replicated"`` (default:
-        every device refreshes every layer; no communication) or ``"distributed"`` (each layer
-        on one device, layers balanced by their ``d^3`` cost, results shared in one all-reduce
-        per refresh: ``1/n_devices`` of the inverse work per device for the inverses' bytes;
-        Pauloski et al., SC 2021). Both give the same state.
+      inverse_strategy: where refreshes run: ``"replicated"`` (default: every device
+        refreshes every layer; no communication) or ``"distributed"`` (each layer on one
+        device, layers balanced by their ``d^3`` cost, results shared in one all-reduce per
+        refresh: ``1/n_devices`` of the inverse work per device for the inverses' bytes;
+        Pauloski et al., SC 2021). Both give the same state. The devices are those of
+        ``axis_name`` (``pmap`` / ``shard_map``) or, without it (sharded ``jax.jit``), those
+        of the mesh set with ``jax.set_mesh(mesh)``; with neither, ``"distributed"`` raises a
+        ``ValueError`` at ``update``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *,

@@ -2,7 +2,10 @@
 assignment, and the options' errors. The strategies' results are compared under pmap and
 shard_map in tests/multidevice (8 simulated devices)."""
 
+import chex
+import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 import kfax
@@ -40,13 +43,47 @@ def test_one_device_owns_everything():
         assign_owners({"a": 1}, 0)
 
 
-def test_distributed_inverses_need_an_axis_name_and_unknown_strategies_are_named():
+def test_distributed_inverses_need_devices_and_unknown_strategies_are_named():
+    """Without axis_name, "distributed" spreads refreshes over the jax.set_mesh mesh; with no
+    mesh set there are no devices to spread over: a clear error at update, naming the fix."""
     params, apply_fn, x, _ = models.mlp()
+    y = jnp.arange(6) % 3
     loss = kfax.losses.SoftmaxCrossEntropy()
-    with pytest.raises(ValueError, match="axis_name is None"):
-        kfax.scale_by_kfac(apply_fn, loss, example_inputs=x, inverse_strategy="distributed")
+    tx = kfax.scale_by_kfac(apply_fn, loss, example_inputs=x, inverse_strategy="distributed")
+    grads = jax.grad(lambda p: loss(apply_fn(p, x), y))(params)
+    with pytest.raises(ValueError, match=r"no mesh is set: call the step inside .*set_mesh"):
+        jax.jit(lambda s: tx.update(grads, s, params, inputs=x))(tx.init(params))
     with pytest.raises(ValueError, match="inverse_strategy must be one of"):
         kfax.kfac(0.1, apply_fn, loss, example_inputs=x, inverse_strategy="kaisa")
+
+
+def test_distributed_inverses_on_a_one_device_mesh_equal_replicated_ones(x64):
+    """Sharded jax.jit under jax.set_mesh: the refresh runs in a shard_map over the mesh; on a
+    one-device mesh it is the replicated refresh, bit for bit, at every step of the cadence."""
+    params, apply_fn, x, _ = models.mlp()  # float64 under the x64 fixture
+    y = jnp.arange(6) % 3
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    mesh = jax.make_mesh((1,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    runs = {}
+    for strategy in ("replicated", "distributed"):
+        tx = kfax.kfac(
+            0.1, apply_fn, loss, example_inputs=x, inverse_every=2, inverse_strategy=strategy
+        )
+
+        @jax.jit
+        def step(p, s, tx=tx):
+            g = jax.grad(lambda q: loss(apply_fn(q, x), y))(p)
+            u, s = tx.update(g, s, p, inputs=x, targets=y)
+            return optax.apply_updates(p, u), s
+
+        p, s, trace = params, tx.init(params), []
+        with jax.set_mesh(mesh):
+            for _ in range(3):
+                p, s = step(p, s)
+                trace.append((p, s))
+        runs[strategy] = trace
+    for replicated, distributed in zip(runs["replicated"], runs["distributed"], strict=True):
+        chex.assert_trees_all_equal(replicated, distributed)
 
 
 @pytest.mark.parametrize("axis_name", [(), ("a", ""), (1, 2), "", ["a"]])

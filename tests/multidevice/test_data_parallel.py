@@ -6,6 +6,8 @@ not depend on the device, so the comparison is exact; kind="mc" is checked for a
 devices and for different samples per device.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,15 +149,17 @@ def test_pmap_with_sampled_targets_keeps_devices_identical_and_samples_differ(pr
     assert not np.allclose(local_b[0], local_b[1])  # the same inputs, different samples
 
 
-def test_sharded_jit_over_a_data_parallel_mesh_needs_no_axis_name(problem):
+@pytest.mark.parametrize("inverse_strategy", ["replicated", "distributed"])
+def test_sharded_jit_over_a_data_parallel_mesh_needs_no_axis_name(problem, inverse_strategy):
     """XLA inserts the collectives: inputs split over 8 devices, state replicated; 20
-    adaptive steps."""
+    adaptive steps. "distributed": under jax.set_mesh the refreshes are spread over the mesh's
+    devices (a shard_map inside the step), with the same result."""
     params, apply_fn, x, y = problem
     expected = single_device_run(problem, 20, kind="exact")
     mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
     xs = jax.device_put(x, NamedSharding(mesh, P("batch")))
     ys = jax.device_put(y, NamedSharding(mesh, P("batch")))
-    opt = optimiser(apply_fn, x, kind="exact")
+    opt = optimiser(apply_fn, x, kind="exact", inverse_strategy=inverse_strategy)
 
     @jax.jit
     def step(p, s):
@@ -164,9 +168,14 @@ def test_sharded_jit_over_a_data_parallel_mesh_needs_no_axis_name(problem):
         return optax.apply_updates(p, u), s
 
     p, s = params, opt.init(params)
-    for i, want in enumerate(expected):
-        p, s = step(p, s)
-        assert_close_at_step(i, (p, s), want)
+    with jax.set_mesh(mesh) if inverse_strategy == "distributed" else contextlib.nullcontext():
+        for i, want in enumerate(expected):
+            p, s = step(p, s)
+            assert_close_at_step(i, (p, s), want)
+    # "distributed": each device picks the layers it owns by its index on the mesh.
+    with jax.set_mesh(mesh):
+        text = step.lower(p, s).as_text()
+    assert ("partition_id" in text) == (inverse_strategy == "distributed")
 
 
 def test_an_axis_name_that_is_not_bound_is_a_clear_error(problem):
@@ -282,7 +291,11 @@ def test_a_batch_sharded_over_explicit_mesh_axes_is_a_clear_error(problem):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--mode", "jit"], ["--mode", "shard_map", "--inverse-strategy", "distributed"]],
+    [
+        ["--mode", "jit"],
+        ["--mode", "jit", "--inverse-strategy", "distributed"],
+        ["--mode", "shard_map", "--inverse-strategy", "distributed"],
+    ],
 )
 def test_the_data_parallel_example_trains_on_eight_devices(argv):
     from examples import data_parallel  # noqa: PLC0415
