@@ -118,6 +118,13 @@ def refresh_over_context_mesh(shared: Callable[..., Any], *args: Any) -> Any:
             "set: call the step inside `with jax.set_mesh(mesh):`, or build with axis_name= "
             'under pmap / shard_map, or use inverse_strategy="replicated".'
         )
+    manual = tuple(getattr(mesh, "manual_axes", ()) or ())
+    if manual:
+        raise ValueError(
+            f"kfax's update runs inside jax.shard_map (manual mesh axes {list(manual)}) but "
+            f"was built without axis_name: build it with axis_name={manual[0]!r} so that "
+            "statistics are pooled across the devices and the refreshes shared over them."
+        )
     names = tuple(mesh.axis_names)
     spec = jax.sharding.PartitionSpec()
     mapped = jax.shard_map(
