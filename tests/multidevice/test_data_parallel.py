@@ -201,19 +201,27 @@ def test_shard_map_without_vma_checks_matches_one_device_on_the_whole_batch(
         assert_close_at_step(i, (p, s), want)
 
 
-def test_distributed_inverses_inside_shard_map_without_axis_name_is_a_clear_error(problem):
+@pytest.mark.parametrize(
+    "options, check_vma, message",
+    [
+        # kfax replays apply_fn from a trace made outside the map: no varying-axis types.
+        ({"axis_name": "batch"}, True, "check_vma=False"),
+        # Inside the map the devices are the map's: kfax must be told the axis to pool over.
+        (
+            {"inverse_strategy": "distributed"},
+            False,
+            "without axis_name: build it with axis_name='batch'",
+        ),
+    ],
+    ids=["vma-checks", "distributed-without-axis-name"],
+)
+def test_an_update_inside_shard_map_that_kfax_cannot_serve_is_a_clear_error(
+    problem, options, check_vma, message
+):
     params, apply_fn, x, y = problem
-    tx = kfax.scale_by_kfac(apply_fn, LOSS, example_inputs=x[:4], inverse_strategy="distributed")
-    mapped = _shard_mapped_step(tx, apply_fn, check_vma=False)
-    with pytest.raises(ValueError, match="without axis_name: build it with axis_name='batch'"):
-        jax.jit(mapped)(params, tx.init(params), x, y)
-
-
-def test_shard_map_with_vma_checks_is_a_clear_error_naming_check_vma(problem):
-    params, apply_fn, x, y = problem
-    tx = kfax.scale_by_kfac(apply_fn, LOSS, example_inputs=x[:4], axis_name="batch")
-    mapped = _shard_mapped_step(tx, apply_fn, check_vma=True)
-    with pytest.raises(ValueError, match="check_vma=False"):
+    tx = kfax.scale_by_kfac(apply_fn, LOSS, example_inputs=x[:4], **options)
+    mapped = _shard_mapped_step(tx, apply_fn, check_vma=check_vma)
+    with pytest.raises(ValueError, match=message):
         jax.jit(mapped)(params, tx.init(params), x, y)
 
 
