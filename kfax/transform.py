@@ -122,14 +122,11 @@ def scale_by_kfac(
         shown by :func:`kfax.describe`); ``None`` means 4096 (a 64 MiB float32 factor). A
         Python int: it sets array shapes, so ``optax.inject_hyperparams`` must list it in
         ``static_args``.
-      inverse_strategy: where refreshes run: ``"replicated"`` (default: every device
-        refreshes every layer; no communication) or ``"distributed"`` (each layer on one
-        device, layers balanced by their ``d^3`` cost, results shared in one all-reduce per
-        refresh: ``1/n_devices`` of the inverse work per device for the inverses' bytes;
-        Pauloski et al., SC 2021). Both give the same state. The devices are those of
-        ``axis_name`` (``pmap`` / ``shard_map``) or, without it (sharded ``jax.jit``), those
-        of the mesh set with ``jax.set_mesh(mesh)``; with neither, ``"distributed"`` raises a
-        ``ValueError`` at ``update``.
+      inverse_strategy: ``"replicated"`` (default: every device refreshes every layer) or
+        ``"distributed"`` (each layer on one device, balanced by ``d^3``, shared in one
+        all-reduce per refresh; Pauloski et al., SC 2021) over the devices of ``axis_name``
+        or, without it, of the ``jax.set_mesh`` mesh (``ValueError`` at ``update`` with
+        neither). Both give the same state; details in :mod:`kfax.distributed`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *,
