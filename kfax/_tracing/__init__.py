@@ -8,7 +8,9 @@ lives in :mod:`kfax.layers`; this package only builds the geometry objects defin
 
 * :mod:`~kfax._tracing.jaxprs`: the facts about jaxprs it relies on (public
   ``jax.extend.core``);
-* :mod:`~kfax._tracing.finder`: the walk that records every parameter use;
+* :mod:`~kfax._tracing.finder`: the walk that records every parameter use, with the matchers
+  of :mod:`~kfax._tracing.products` (dense, convolution, embedding) and
+  :mod:`~kfax._tracing.elementwise` (biases, shifts, scales);
 * :mod:`~kfax._tracing.verdict`: which operations are layers, and why every other parameter
   is not;
 * :mod:`~kfax._tracing.tapped`: the tapped evaluation (scans become tapped scans).

@@ -7,87 +7,38 @@ Rules, in the order an equation is tried:
   shared over the steps);
 * casts, copies and transposes keep a weight the same weight; broadcasts and reshapes make a
   parameter a broadcast one (:class:`~kfax._tracing.refs.BiasRef`);
-* ``dot_general`` with a parameter and data (no batch dimensions): a dense operation;
-  ``conv_general_dilated`` with one group: a convolution; ``gather`` of rows of a 2-D parameter
-  at data-dependent ids: an embedding;
-* ``add`` of a broadcast parameter to data: the bias of the dense operation or convolution whose
-  output it is added to, else the shift of the scale whose (elementwise-scaled) output it is
-  added to, else a shift of its own; ``mul`` of a broadcast parameter and data: a scale;
+* a matrix product of a parameter and data (dense ``dot_general``, convolution, embedding
+  gather) is a layer operation: the rules are in :mod:`kfax._tracing.products`; casts, copies
+  and transposes of its output keep it that operation's output;
+* ``add`` and ``mul`` of a broadcast parameter and data (biases, shifts, scales): the rules are
+  in :mod:`kfax._tracing.elementwise`, which also follows layer outputs through the operations
+  below;
 * anything else that reads a parameter is an *other use*, named by its primitive.
 
-A parameter broadcast for a scale or a shift must not cover axis 0 (the batch axis) of the data,
-whose axis 0 must be the batch. Which operations become layers is decided afterwards, from all
-uses together (:mod:`kfax._tracing.verdict`).
+The matchers are mixins of :class:`Finder`, one module per layer kind; what they record
+(:class:`~kfax._tracing.records.Site`, :class:`~kfax._tracing.records.TapSpec`) is defined in
+:mod:`kfax._tracing.records` and importable from here too. Which operations become layers is
+decided afterwards, from all uses together (:mod:`kfax._tracing.verdict`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from kfax import layers
 from kfax._tracing import jaxprs
-from kfax._tracing.refs import BiasRef, Level, WeightRef, reduced_axis, stack_axes
+from kfax._tracing.elementwise import ElementwiseMatchers
+from kfax._tracing.products import ProductMatchers
+from kfax._tracing.records import Site, TapSpec, shape_of
+from kfax._tracing.refs import BiasRef, WeightRef, stack_axes
+
+__all__ = ["Finder", "Scope", "Site", "TapSpec"]
 
 _WEIGHT_PASSTHROUGH = frozenset({"convert_element_type", "copy", "copy_p", "transpose"})
 _BIAS_PASSTHROUGH = frozenset(
     {"convert_element_type", "copy", "copy_p", "reshape", "broadcast_in_dim", "expand_dims"}
 )
-# Operations that keep a layer's output an affine function of it (for suspect biases): unary
-# ones always, binary ones when the other operand does not depend on the inputs.
-_AFFINE_UNARY = frozenset({"convert_element_type", "copy", "copy_p", "neg", "reduce_precision"})
-_AFFINE_BINARY = frozenset({"add", "add_any", "sub", "mul", "div"})
-# Operations through which a scale's output stays elementwise proportional to the scale.
-_SCALED_UNARY = frozenset({"convert_element_type", "copy", "copy_p", "neg", "mul"})
-KIND_WORDS = {
-    "dense": "dense operation",
-    "conv": "convolution",
-    "embedding": "embedding gather",
-    "scale_shift": "elementwise scale or shift",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class TapSpec:
-    """Where to tap an operation and how its values are laid out (inner, one scan step).
-
-    ``out_features`` / ``in_features`` are the feature axes of the output and of the recorded
-    input (rows layouts); ``conv_batch`` the (input, output) batch axes of a convolution, whose
-    values keep their own layout.
-    """
-
-    eqn_path: tuple[int, ...]
-    input_operand: int | None
-    out_shape: tuple[int, ...]
-    dtype: Any
-    in_shape: tuple[int, ...] | None = None
-    out_features: tuple[int, ...] | None = None
-    in_features: tuple[int, ...] | None = None
-    conv_batch: tuple[int, int] | None = None
-    broadcast_input: bool = False
-
-
-@dataclasses.dataclass
-class Site:
-    """A layer operation found in the walk (a layer if its parameters have no other use)."""
-
-    kind: str
-    geometry: Any  # one layer's geometry, in the coordinates of the leaf without stack axes
-    weight_leaf: int
-    levels: tuple[tuple[str, int], ...]  # (kind, length) per enclosing scan, outermost first
-    weight_stack_axes: tuple[int, ...]
-    tap: TapSpec
-    feature_shape: tuple[int, ...]  # the shape a bias (or a paired shift) must have
-    bias_leaf: int | None = None
-    bias_tap: TapSpec | None = None  # the addition of the bias, tapped as a shift of its own
-
-    @property
-    def kind_word(self) -> str:
-        return KIND_WORDS.get(self.kind, self.kind)
 
 
 @dataclasses.dataclass
@@ -137,16 +88,14 @@ def _live_leaves(jaxpr: Any, num_leaves: int) -> set[int]:
     return {i for i, v in enumerate(jaxpr.invars[:num_leaves]) if v in live}
 
 
-def _shape(atom: Any) -> tuple[int, ...]:
-    return tuple(int(s) for s in atom.aval.shape)
-
-
-class Finder:
+class Finder(ProductMatchers, ElementwiseMatchers):
     """Walks a jaxpr (recursing into calls and scans) and records every parameter use.
 
     Each parameter leaf collects its uses: as the weight of layer operations
     (``weight_sites``), as their bias (``bias_sites``) and by any other primitive
-    (``other_uses``).
+    (``other_uses``). The matchers of layer operations come from the mixins
+    (:class:`~kfax._tracing.products.ProductMatchers`,
+    :class:`~kfax._tracing.elementwise.ElementwiseMatchers`), which use these attributes.
     """
 
     def __init__(self, leaf_avals: Sequence[Any], batch: int):
@@ -209,7 +158,7 @@ class Finder:
             return True
         bias = self.as_bias(first)
         if prim in _BIAS_PASSTHROUGH and bias is not None:
-            moved = bias.moved(prim, eqn.params, _shape(eqn.invars[0]), _shape(eqn.outvars[0]))
+            moved = bias.moved(prim, eqn.params, shape_of(eqn.invars[0]), shape_of(eqn.outvars[0]))
             scope.refs[eqn.outvars[0]] = moved
             return True
         site = None
@@ -235,13 +184,6 @@ class Finder:
         if prim == "mul":
             return self._match_scale(eqn, in_refs, scope, path)
         return False
-
-    def as_bias(self, ref: Any) -> BiasRef | None:
-        if isinstance(ref, BiasRef):
-            return ref
-        if isinstance(ref, WeightRef):
-            return ref.as_bias()
-        return None
 
     def _visit_call(self, eqn: Any, jaxpr: Any, scope: Scope, path: tuple[int, ...]) -> None:
         """Walk a call's body; an exact call also passes layer outputs in and everything out."""
@@ -287,10 +229,6 @@ class Finder:
             (kind, length) for (kind, _), length in zip(ref.levels, scope.lengths, strict=True)
         )
 
-    def _reduced_shape(self, leaf: int, levels: Sequence[Level]) -> tuple[int, ...]:
-        skip = set(stack_axes(levels))
-        return tuple(s for a, s in enumerate(self.leaf_shapes[leaf]) if a not in skip)
-
     def _record(self, kind, geometry, ref, tap: TapSpec, feature_shape, scope: Scope) -> int:
         site = Site(
             kind,
@@ -304,281 +242,3 @@ class Finder:
         self.sites.append(site)
         self.weight_sites.setdefault(ref.leaf, []).append(len(self.sites) - 1)
         return len(self.sites) - 1
-
-    # ---------------------------------------------------------------- layer operations
-
-    def _match_dense(self, eqn, in_refs, scope, path) -> int | None:
-        contract, batch_dims = eqn.params["dimension_numbers"]
-        if any(len(b) for b in batch_dims):
-            return None
-        for w_side in (1, 0):
-            weight, x_atom = in_refs[w_side], eqn.invars[1 - w_side]
-            if not isinstance(weight, WeightRef) or in_refs[1 - w_side] is not None:
-                continue
-            if not self.is_data(x_atom, scope) or not contract[w_side]:
-                continue
-            w_shape, x_shape = _shape(eqn.invars[w_side]), _shape(x_atom)
-            w_contract, x_contract = tuple(contract[w_side]), tuple(contract[1 - w_side])
-            w_free = [a for a in range(len(w_shape)) if a not in w_contract]
-            x_free = len(x_shape) - len(x_contract)
-            out_rank = x_free + len(w_free)
-            out_features = (
-                tuple(range(x_free, out_rank)) if w_side == 1 else tuple(range(len(w_free)))
-            )
-            reduced = [reduced_axis(weight.axes[a], weight.levels) for a in range(len(w_shape))]
-            geometry = layers.dense_from_axes(
-                self._reduced_shape(weight.leaf, weight.levels),
-                tuple(reduced[a] for a in w_contract),
-                tuple(reduced[a] for a in w_free),
-            )
-            out = eqn.outvars[0].aval
-            tap = TapSpec(
-                path, 1 - w_side, _shape(eqn.outvars[0]), out.dtype, x_shape, out_features,
-                x_contract,
-            )  # fmt: skip
-            features = tuple(w_shape[a] for a in w_free)
-            return self._record("dense", geometry, weight, tap, features, scope)
-        return None
-
-    def _match_conv(self, eqn, in_refs, scope, path) -> int | None:
-        weight = in_refs[1]
-        if not isinstance(weight, WeightRef) or in_refs[0] is not None:
-            return None
-        if not self.is_data(eqn.invars[0], scope):
-            return None
-        p = eqn.params
-        if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-            return None  # reported through the primitive's use name
-        dn = p["dimension_numbers"]
-        rhs_spec = tuple(dn.rhs_spec)
-        w_shape = _shape(eqn.invars[1])
-        spatial = tuple(int(w_shape[a]) for a in rhs_spec[2:])
-
-        def leaf_axis(a):
-            return reduced_axis(weight.axes[a], weight.levels)
-
-        geometry = layers.Conv(
-            d_in=int(w_shape[rhs_spec[1]]) * int(np.prod(spatial)),
-            d_out=int(w_shape[rhs_spec[0]]),
-            filter_shape=spatial,
-            window_strides=tuple(p["window_strides"]),
-            padding=tuple(tuple(q) for q in p["padding"]),
-            lhs_dilation=tuple(p["lhs_dilation"]),
-            rhs_dilation=tuple(p["rhs_dilation"]),
-            dimension_numbers=dn,
-            output_axis=int(dn.out_spec[1]),
-            weight_in_axis=leaf_axis(rhs_spec[1]),
-            weight_out_axis=leaf_axis(rhs_spec[0]),
-            weight_spatial_axes=tuple(leaf_axis(a) for a in rhs_spec[2:]),
-        )
-        out = eqn.outvars[0].aval
-        tap = TapSpec(
-            path, 0, _shape(eqn.outvars[0]), out.dtype, _shape(eqn.invars[0]),
-            out_features=(int(dn.out_spec[1]),),
-            conv_batch=(int(dn.lhs_spec[0]), int(dn.out_spec[0])),
-        )  # fmt: skip
-        return self._record("conv", geometry, weight, tap, (geometry.d_out,), scope)
-
-    def _match_embedding(self, eqn, in_refs, scope, path) -> int | None:
-        """``table[ids]``: rows of a 2-D parameter gathered at data-dependent integer ids (also
-        vmapped, where the index vectors hold the id and a start of 0 along the features)."""
-        table = in_refs[0]
-        if not isinstance(table, WeightRef) or in_refs[1] is not None:
-            return None
-        ids = eqn.invars[1]
-        shape, ids_shape = _shape(eqn.invars[0]), _shape(ids)
-        dn, sizes = eqn.params["dimension_numbers"], tuple(eqn.params["slice_sizes"])
-        starts = tuple(dn.start_index_map)
-        if (
-            not self.is_data(ids, scope)
-            or len(shape) != 2
-            or tuple(getattr(dn, "operand_batching_dims", ()))
-            or not ids_shape
-            or ids_shape[-1] != len(starts)
-        ):
-            return None
-        vocab = next((a for a in starts if sizes[a] == 1 and sizes[1 - a] == shape[1 - a]), None)
-        collapsed = tuple(dn.collapsed_slice_dims)
-        if vocab is None or set(starts) - {0, 1} or collapsed not in ((), (vocab,)):
-            return None
-        offsets = tuple(dn.offset_dims)  # output axes of the non-collapsed operand axes, in order
-        kept = [a for a in (0, 1) if a not in collapsed]
-        if len(offsets) != len(kept):
-            return None
-        feature_axis = offsets[kept.index(1 - vocab)]
-        geometry = layers.Embedding(
-            shape[vocab],
-            shape[1 - vocab],
-            reduced_axis(table.axes[vocab], table.levels),
-            index_width=len(starts),
-            index_column=starts.index(vocab),
-        )
-        out = eqn.outvars[0].aval
-        tap = TapSpec(
-            path, 1, _shape(eqn.outvars[0]), out.dtype, ids_shape,
-            out_features=(int(feature_axis),), in_features=(len(ids_shape) - 1,),
-        )  # fmt: skip
-        return self._record("embedding", geometry, table, tap, (geometry.d_out,), scope)
-
-    # ---------------------------------------------------------------- scales and shifts
-
-    def shift_features(self, bias: BiasRef, out_shape: tuple[int, ...]) -> tuple | None:
-        """The data axes a broadcast parameter runs along, if it is a per-feature parameter
-        (never along the batch axis 0, whose size must be the batch's)."""
-        leaf_shape = self.leaf_shapes[bias.leaf]
-        axes = bias.feature_axes(leaf_shape)
-        if axes is None or not out_shape or out_shape[0] != self.batch or 0 in axes:
-            return None
-        if len(set(axes)) != len(axes) or any(a >= len(out_shape) for a in axes):
-            return None
-        if math.prod(out_shape[a] for a in axes) != math.prod(bias.shape(leaf_shape)):
-            return None
-        return axes
-
-    def _shift_tap(self, bias, eqn, target, path, scope) -> TapSpec | None:
-        out_shape = _shape(eqn.outvars[0])
-        if not self.is_data(target, scope) or _shape(target) != out_shape:
-            return None
-        features = self.shift_features(bias, out_shape)
-        if features is None:
-            return None
-        return TapSpec(path, None, out_shape, eqn.outvars[0].aval.dtype, None, features)
-
-    def _bias_levels_fit(self, bias: BiasRef, site: Site) -> bool:
-        kinds = tuple(kind for kind, _ in bias.levels)
-        stacked = stack_axes(bias.levels)
-        return kinds == tuple(kind for kind, _ in site.levels) and stacked == tuple(
-            range(len(stacked))
-        )
-
-    def _fits(self, bias: BiasRef, bias_atom: Any, target: Any, index: int, axes) -> bool:
-        """Whether ``bias`` adds along the feature axes ``axes`` of site ``index``'s output."""
-        site = self.sites[index]
-        leaf_shape = self.leaf_shapes[bias.leaf]
-        if bias.shape(leaf_shape) != site.feature_shape or not self._bias_levels_fit(bias, site):
-            return False
-        if math.prod(site.feature_shape) == 1:
-            return True
-        mapped = bias.feature_axes(leaf_shape)
-        if mapped is None or axes is None:
-            return False
-        gap = len(target.aval.shape) - len(bias_atom.aval.shape)  # implicit broadcast
-        wanted = tuple(a for a, s in zip(axes, site.feature_shape, strict=True) if s != 1)
-        return tuple(a + gap for a in mapped) == wanted
-
-    def _match_add(self, eqn, in_refs, scope, path) -> bool:
-        for side in (0, 1):
-            bias, target = self.as_bias(in_refs[side]), eqn.invars[1 - side]
-            if bias is None or in_refs[1 - side] is not None or not jaxprs.is_var(target):
-                continue
-            if self._add_as_bias(eqn, bias, side, target, scope, path):
-                return True
-            tap = self._shift_tap(bias, eqn, target, path, scope)
-            if tap is None:
-                continue
-            if not self._add_as_paired_shift(eqn, bias, target, tap, scope):
-                geometry = layers.ScaleShift(bias.shape(self.leaf_shapes[bias.leaf]), False, True)
-                self._record("scale_shift", geometry, bias, tap, geometry.param_shape, scope)
-            self.track(eqn, in_refs, scope)
-            return True
-        return False
-
-    def _add_as_bias(self, eqn, bias, side, target, scope, path) -> bool:
-        if target not in scope.direct:
-            return False
-        index, axes = scope.direct[target]
-        site = self.sites[index]
-        if site.kind not in ("dense", "conv") or site.bias_leaf is not None:
-            return False
-        if not self._fits(bias, eqn.invars[side], target, index, axes):
-            return False
-        site.bias_leaf = bias.leaf
-        site.bias_tap = self._shift_tap(bias, eqn, target, path, scope)
-        self.bias_sites.setdefault(bias.leaf, []).append(index)
-        self.bias_candidates[(bias.leaf, index)] = None
-        scope.chained[eqn.outvars[0]] = (index, axes)
-        return True
-
-    def _add_as_paired_shift(self, eqn, bias, target, tap: TapSpec, scope) -> bool:
-        if target not in scope.scaled:
-            return False
-        index, axes = scope.scaled[target]
-        site = self.sites[index]
-        shape = bias.shape(self.leaf_shapes[bias.leaf])
-        if site.bias_leaf is not None or shape != site.feature_shape or axes != tap.out_features:
-            return False
-        if not self._bias_levels_fit(bias, site):
-            return False
-        site.bias_leaf = bias.leaf
-        site.bias_tap = tap
-        self.bias_sites.setdefault(bias.leaf, []).append(index)
-        return True
-
-    def _match_scale(self, eqn, in_refs, scope, path) -> bool:
-        out_shape = _shape(eqn.outvars[0])
-        for side in (0, 1):
-            bias, x = self.as_bias(in_refs[side]), eqn.invars[1 - side]
-            if bias is None or in_refs[1 - side] is not None or not self.is_data(x, scope):
-                continue
-            features = self.shift_features(bias, out_shape)
-            if features is None:
-                continue
-            geometry = layers.ScaleShift(bias.shape(self.leaf_shapes[bias.leaf]), True, False)
-            tap = TapSpec(
-                path, 1 - side, out_shape, eqn.outvars[0].aval.dtype, _shape(x), features,
-                features, broadcast_input=_shape(x) != out_shape,
-            )  # fmt: skip
-            index = self._record("scale_shift", geometry, bias, tap, geometry.param_shape, scope)
-            self.track(eqn, in_refs, scope)
-            scope.scaled[eqn.outvars[0]] = (index, features)
-            return True
-        return False
-
-    # ---------------------------------------------------------------- following outputs
-
-    def track(self, eqn: Any, in_refs: list, scope: Scope) -> None:
-        self._track_affine(eqn, in_refs, scope)
-        self._track_scaled(eqn, scope)
-
-    def _track_affine(self, eqn: Any, in_refs: list, scope: Scope) -> None:
-        """Follow a layer's output through affine operations; note biases added to it."""
-        tracked = [(pos, scope.tracked(v)) for pos, v in enumerate(eqn.invars)]
-        tracked = [(pos, t) for pos, t in tracked if t is not None]
-        if len(tracked) != 1 or len(eqn.outvars) != 1:
-            return
-        prim = eqn.primitive.name
-        pos, (index, axes) = tracked[0]
-        if prim == "add" and len(eqn.invars) == 2:
-            bias = self.as_bias(in_refs[1 - pos])
-            if bias is not None and self._fits(
-                bias, eqn.invars[1 - pos], eqn.invars[pos], index, axes
-            ):
-                self.bias_candidates[(bias.leaf, index)] = None
-        if prim == "transpose":
-            perm = tuple(eqn.params["permutation"])
-            axes = None if axes is None else tuple(perm.index(a) for a in axes)
-        elif prim in _AFFINE_BINARY and len(eqn.invars) == 2:
-            other = eqn.invars[1 - pos]
-            if (prim == "div" and pos == 1) or self.is_data(other, scope):
-                return
-            if _shape(eqn.outvars[0]) != _shape(eqn.invars[pos]):
-                return
-        elif prim not in _AFFINE_UNARY:
-            return
-        scope.chained[eqn.outvars[0]] = (index, axes)
-
-    def _track_scaled(self, eqn: Any, scope: Scope) -> None:
-        """Follow a scale's output through products with anything, casts and negation."""
-        tracked = [
-            (pos, scope.scaled[v])
-            for pos, v in enumerate(eqn.invars)
-            if jaxprs.is_var(v) and v in scope.scaled
-        ]
-        if len(tracked) != 1 or len(eqn.outvars) != 1:
-            return
-        pos, value = tracked[0]
-        prim = eqn.primitive.name
-        if _shape(eqn.outvars[0]) != _shape(eqn.invars[pos]):
-            return
-        if prim in _SCALED_UNARY or (prim == "div" and pos == 0):
-            scope.scaled[eqn.outvars[0]] = value
