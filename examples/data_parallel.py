@@ -12,13 +12,17 @@ parameters and K-FAC state. Two ways, both JAX's own machinery:
   kfax transform: statistics are pooled in one all-reduce.
 
 With ``--inverse-strategy distributed`` (either mode) each layer's inverse is computed on one
-device and shared.
+device and shared. With ``--shard-state`` (``--mode jit``) the K-FAC state is split over the
+devices instead of replicated (``kfax.state_shardings``): each device holds 1/n of every factor
+and inverse whose size divides over the devices.
 
 Commands (README, "Across devices")::
 
     python -m examples.data_parallel                                  # all local devices
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
         python -m examples.data_parallel --mode shard_map --inverse-strategy distributed
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+        python -m examples.data_parallel --inverse-strategy distributed --shard-state
     python -m examples.data_parallel --batch-size 4096                # a multi-GPU / TPU host
 
 Data: the MNIST test set in ``../shared/data/mnist`` (``$KFAX_MNIST_DIR``); without it,
@@ -51,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--inverse-strategy", choices=kfax.distributed.INVERSE_STRATEGIES, default="replicated"
     )
+    parser.add_argument(
+        "--shard-state",
+        action="store_true",
+        help="split the K-FAC factors and inverses over the devices (--mode jit)",
+    )
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--width", type=int, default=256, help="of the two hidden layers")
@@ -72,8 +81,9 @@ def check_divides(batch_size: int, devices: int) -> None:
         )
 
 
-def make_step(opt, apply_fn, mesh: jax.sharding.Mesh, mode: str):
-    """``step(params, state, x, y) -> (params, state, loss)``, jitted over ``mesh``."""
+def make_step(opt, apply_fn, mesh: jax.sharding.Mesh, mode: str, state_sharding=None):
+    """``step(params, state, x, y) -> (params, state, loss)``, jitted over ``mesh``; the new
+    state laid out as ``state_sharding`` when given (``--mode jit``)."""
 
     def step(params, state, x, y):
         loss, grads = jax.value_and_grad(lambda p: LOSS(apply_fn(p, x), y))(params)
@@ -88,6 +98,11 @@ def make_step(opt, apply_fn, mesh: jax.sharding.Mesh, mode: str):
         step = jax.shard_map(
             step, mesh=mesh, in_specs=specs, out_specs=(P(), P(), P()), check_vma=False
         )
+    if state_sharding is not None:
+        replicated = NamedSharding(mesh, P())
+        return jax.jit(
+            step, donate_argnums=(0, 1), out_shardings=(replicated, state_sharding, replicated)
+        )
     return jax.jit(step, donate_argnums=(0, 1))
 
 
@@ -95,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     devices = jax.device_count()
     check_divides(args.batch_size, devices)
+    if args.shard_state and args.mode != "jit":
+        raise SystemExit("--shard-state splits the state under sharded jit: use --mode jit.")
     data = load_mnist()
     images, labels = data.images, data.labels
     held_out = slice(0, 1000)
@@ -124,13 +141,15 @@ def main(argv: list[str] | None = None) -> dict:
         **axis,
     )
     params = jax.device_put(params, replicated)
-    state = jax.device_put(opt.init(params), replicated)
-    step = make_step(opt, apply_fn, mesh, args.mode)
+    layout = kfax.state_shardings(opt.init(params), mesh) if args.shard_state else replicated
+    state = jax.device_put(opt.init(params), layout)
+    step = make_step(opt, apply_fn, mesh, args.mode, layout if args.shard_state else None)
+    state_mb = state_megabytes_per_device(state)
 
     print(
         f"{devices} {jax.devices()[0].platform} device(s), mode {args.mode}, inverses "
         f"{args.inverse_strategy}, batch {batch_size} ({per_device} per device), {data.name} "
-        f"({train_x.shape[0]} training images)"
+        f"({train_x.shape[0]} training images); K-FAC state {state_mb:.2f} MB per device"
     )
     rng = np.random.default_rng(args.seed)
     losses, begin = [], time.perf_counter()
@@ -147,7 +166,22 @@ def main(argv: list[str] | None = None) -> dict:
     logits = jax.jit(apply_fn)(params, images[held_out])
     accuracy = float(jnp.mean(jnp.argmax(logits, -1) == labels[held_out]))
     print(f"held-out accuracy {accuracy:.3f} after {args.steps} steps")
-    return {"losses": losses, "accuracy": accuracy, "devices": devices}
+    return {
+        "losses": losses,
+        "accuracy": accuracy,
+        "devices": devices,
+        "state_mb_per_device": state_mb,
+        "data": data.name,
+    }
+
+
+def state_megabytes_per_device(state) -> float:
+    """The bytes of ``state`` held by the first device, in MB."""
+    device = jax.devices()[0]
+    held = 0
+    for leaf in jax.tree.leaves(state):
+        held += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == device)
+    return held / 1e6
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """kfax: K-FAC, natural gradient and Gauss-Newton preconditioning as optax transformations."""
 
-from kfax import blocks, diagnostics, distributed, exact, losses, statistics
+from kfax import blocks, diagnostics, distributed, exact, losses, sharding, statistics
 from kfax._capture import NoLayersError
 from kfax._step import KFACState, LayerHealth
 from kfax.adaptive import QuadraticModelState, StepInfo, quadratic_model_step
@@ -9,6 +9,7 @@ from kfax.constraints import NormConstraintState, norm_constrained
 from kfax.curvature import Factors, kronecker_factors
 from kfax.fused import value_and_grad
 from kfax.report import Layer, LayerReport, describe, find_layers
+from kfax.sharding import state_shardings
 from kfax.transform import scale_by_kfac
 
 __version__ = "0.2.0"
@@ -35,6 +36,8 @@ __all__ = [
     "norm_constrained",
     "quadratic_model_step",
     "scale_by_kfac",
+    "sharding",
+    "state_shardings",
     "statistics",
     "value_and_grad",
 ]

@@ -1,6 +1,7 @@
-"""Placement of refreshes across devices (kfax.distributed): the cost model, the balanced
-assignment, and the options' errors. The strategies' results are compared under pmap and
-shard_map in tests/multidevice (8 simulated devices)."""
+"""Placement of refreshes and state across devices (kfax.distributed, kfax.sharding): the cost
+model, the balanced assignment, the state's layout, and the options' errors. The strategies'
+results and the split state are compared under pmap, shard_map and sharded jit in
+tests/multidevice (8 simulated devices)."""
 
 import chex
 import jax
@@ -102,8 +103,23 @@ def test_the_data_parallel_example_refuses_a_batch_some_device_gets_nothing_of(b
         check_divides(batch_size, 8)
 
 
-def test_the_module_examples_run():
+@pytest.mark.parametrize("module", [kfax.distributed, kfax.sharding], ids=lambda m: m.__name__)
+def test_the_module_examples_run(module):
     import doctest  # noqa: PLC0415
 
-    result = doctest.testmod(kfax.distributed)
+    result = doctest.testmod(module)
     assert result.attempted >= 1 and result.failed == 0
+
+
+def test_state_shardings_split_square_factors_whose_size_divides_and_replicate_the_rest():
+    """On a one-device mesh every square statistic and inverse divides, so each is split by
+    rows; the counters, key, means, health and damping are replicated."""
+    params, apply_fn, x, _ = models.mlp(sizes=(4, 6, 3), batch=8)
+    state = kfax.scale_by_kfac(apply_fn, kfax.losses.SquaredError(), example_inputs=x).init(params)
+    mesh = jax.make_mesh((1,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    layout = kfax.state_shardings(state, mesh)
+    split = jax.sharding.PartitionSpec("batch", None)
+    for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(layout), strict=True):
+        square = leaf.ndim == 2 and leaf.shape[0] == leaf.shape[1]
+        assert sharding.spec == (split if square else jax.sharding.PartitionSpec())
+    assert sum(s.spec == split for s in jax.tree.leaves(layout)) == 8  # 2 layers x 4 matrices

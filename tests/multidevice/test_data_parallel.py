@@ -178,6 +178,63 @@ def test_sharded_jit_over_a_data_parallel_mesh_needs_no_axis_name(problem, inver
     assert ("partition_id" in text) == (inverse_strategy == "distributed")
 
 
+@pytest.mark.parametrize("inverse_strategy", ["replicated", "distributed"])
+def test_a_state_split_by_rows_over_the_mesh_gives_the_replicated_result(inverse_strategy):
+    """kfax.state_shardings under sharded jit: on a 7-16-8 MLP the factors of size 16 and 8
+    are split by rows over the 8 devices (each holds 1/8 of them), the 7 x 7 input factor is
+    replicated; 20 adaptive steps equal one device on the whole batch at every step, and the
+    state keeps its layout from step to step."""
+    params, apply_fn, x, _ = models.mlp(sizes=(7, 16, 8), batch=BATCH)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    x, y = x.astype(jnp.float64), jnp.arange(BATCH) % 8
+    expected = _single_device_run((params, apply_fn, x, y), 20, kind="exact")
+    mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    xs, ys = (jax.device_put(a, NamedSharding(mesh, P("batch"))) for a in (x, y))
+    opt = optimiser(apply_fn, x, kind="exact", inverse_strategy=inverse_strategy)
+    shardings = kfax.state_shardings(opt.init(params), mesh)
+    replicated = NamedSharding(mesh, P())
+
+    def step(p, s):
+        g = jax.grad(lambda q: LOSS(apply_fn(q, xs), ys))(p)
+        u, s = opt.update(g, s, p, inputs=xs, targets=ys)
+        return optax.apply_updates(p, u), s
+
+    step = jax.jit(step, out_shardings=(replicated, shardings))
+    p, s = params, jax.device_put(opt.init(params), shardings)
+    with jax.set_mesh(mesh):
+        for i, want in enumerate(expected):
+            p, s = step(p, s)
+            assert_close_at_step(i, (p, s), want)
+
+    inner = s.inner
+    split = [
+        inner.statistics["dense_0"].output,  # 16 x 16
+        inner.statistics["dense_1"].covariance,  # 16 x 16
+        inner.statistics["dense_1"].output,  # 8 x 8
+        inner.curvature["dense_0"].factors.b_inverse,
+        inner.curvature["dense_1"].factors.a_inverse,
+        inner.curvature["dense_1"].factors.b_inverse,
+    ]
+    for leaf in split:
+        assert leaf.sharding.spec == P("batch", None)
+        assert {shard.data.shape for shard in leaf.addressable_shards} == {
+            (leaf.shape[0] // DEVICES, leaf.shape[1])
+        }
+    for leaf in (
+        inner.statistics["dense_0"].covariance,
+        inner.curvature["dense_0"].factors.a_inverse,
+    ):
+        assert leaf.shape == (7, 7) and leaf.sharding.is_fully_replicated
+
+
+def test_state_shardings_names_an_axis_the_mesh_does_not_have(problem):
+    params, apply_fn, x, _ = problem
+    mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    state = jax.eval_shape(optimiser(apply_fn, x).init, params)
+    with pytest.raises(ValueError, match=r"mesh has axes \['batch'\], not \['model'\]"):
+        kfax.state_shardings(state, mesh, axes="model")
+
+
 def test_an_axis_name_that_is_not_bound_is_a_clear_error(problem):
     params, apply_fn, x, y = problem
     tx = kfax.scale_by_kfac(apply_fn, LOSS, example_inputs=x, axis_name="devices")
@@ -309,7 +366,7 @@ def test_a_batch_sharded_over_explicit_mesh_axes_is_a_clear_error(problem):
     "argv",
     [
         ["--mode", "jit"],
-        ["--mode", "jit", "--inverse-strategy", "distributed"],
+        ["--mode", "jit", "--inverse-strategy", "distributed", "--shard-state"],
         ["--mode", "shard_map", "--inverse-strategy", "distributed"],
     ],
 )
@@ -318,14 +375,30 @@ def test_the_data_parallel_example_trains_on_eight_devices(argv):
 
     result = data_parallel.main([*argv, "--steps", "8", "--batch-size", "64", "--width", "32"])
     assert result["devices"] == DEVICES
+    # The state's bytes on device 0 (width 32; MNIST's 784 inputs or the digits' 64): split by
+    # kfax.state_shardings, every factor of a size that divides by 8 keeps 1/8 of its rows.
+    megabytes = {
+        ("mnist", False): 5.063728,
+        ("mnist", True): 0.732464,
+        ("digits", False): 0.081328,
+        ("digits", True): 0.023984,
+    }[result["data"], "--shard-state" in argv]
+    assert result["state_mb_per_device"] == pytest.approx(megabytes, rel=1e-6)
     assert result["losses"][-1] < 0.8 * result["losses"][0]  # from ~2.3 (ten classes)
 
 
-def test_the_data_parallel_example_names_a_batch_that_does_not_divide():
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "1001"], "does not divide over 8 devices"),
+        (["--mode", "shard_map", "--shard-state"], "--shard-state splits the state under sharded"),
+    ],
+)
+def test_the_data_parallel_example_names_bad_arguments(argv, message):
     from examples import data_parallel  # noqa: PLC0415
 
-    with pytest.raises(SystemExit, match="does not divide over 8 devices"):
-        data_parallel.main(["--batch-size", "1001"])
+    with pytest.raises(SystemExit, match=message):
+        data_parallel.main(argv)
 
 
 def test_float32_pmap_step_matches_one_device_within_rounding(problem):
