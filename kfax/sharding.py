@@ -58,9 +58,7 @@ def state_shardings(state: Any, mesh: Mesh, axes: str | tuple[str, ...] | None =
       >>> shardings = kfax.state_shardings(opt.init(params), mesh)
       >>> state = jax.device_put(opt.init(params), shardings)
       >>> by_rows = jax.sharding.PartitionSpec("batch", None)
-      >>> [s.spec == by_rows for s in jax.tree.leaves(shardings)].count(
-      ...     True
-      ... )  # 2 factors, 2 inverses
+      >>> sum(s.spec == by_rows for s in jax.tree.leaves(shardings))  # 2 factors, 2 inverses
       4
 
     With several devices, ``jax.jit(step, out_shardings=(..., shardings, ...))`` keeps the
