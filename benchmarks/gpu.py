@@ -59,7 +59,7 @@ FULL_PARTS = (
         [
             "--task=autoencoder",
             "--configs=adam,muon@0.1,psgd@0.001,kfac,kfac_adaptive,kfac+fused=True,"
-            "kfac_adaptive+fused=True,kfac+stats_batch_size=125",
+            "kfac_adaptive+fused=True,kfac+stats_batch_size=125,kfac+batch_layers=True",
             "--steps=50",
             "--repeats=3",
             "--breakdown-repeats=10",
@@ -83,7 +83,7 @@ FULL_PARTS = (
         step_cost,
         [
             "--task=transformer",
-            "--configs=adam,muon@0.03,kfac,kfac_adaptive",
+            "--configs=adam,muon@0.03,kfac,kfac_adaptive,kfac+batch_layers=True",
             "--steps=30",
             "--repeats=2",
             "--breakdown-repeats=0",

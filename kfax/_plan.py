@@ -34,6 +34,7 @@ class Plan:
     axis_name: Any
     traced: _tracing.Trace = dataclasses.field(compare=False)
     inverse_strategy: str = "replicated"
+    batch_layers: bool = False
 
     @property
     def blocks(self) -> dict[str, Block]:
@@ -136,6 +137,7 @@ def make_plan(
     weight_sharing: str = "expand",
     max_factor_size: int | None = None,
     inverse_strategy: str = "replicated",
+    batch_layers: bool = False,
 ) -> Plan:
     """Trace ``apply_fn`` (cached) and give every layer its block."""
     traced = _capture.trace_layers(apply_fn, params, inputs)
@@ -148,4 +150,15 @@ def make_plan(
         raise _capture.NoLayersError(
             "block= leaves no layer to precondition: every layer was mapped to None."
         )
-    return Plan(apply_fn, loss, kind, samples, blocks, others, axis_name, traced, inverse_strategy)
+    return Plan(
+        apply_fn,
+        loss,
+        kind,
+        samples,
+        blocks,
+        others,
+        axis_name,
+        traced,
+        inverse_strategy,
+        batch_layers,
+    )

@@ -76,13 +76,16 @@ def _signature(block: Any, args: tuple) -> tuple:
     return (type(block), fields, site.geometry, site.bias_path is None, treedef, shapes)
 
 
-def map_layers(plan: Plan, fn: Callable, *per_layer: dict, batched: bool = True) -> dict:
+def map_layers(plan: Plan, fn: Callable, *per_layer: dict, batched: bool | None = None) -> dict:
     """``{name: fn(block, *args)}`` for every layer, where ``args`` are each layer's entries of
     ``per_layer``. Layers with the same block configuration and argument shapes (the mirrored
     layers of an autoencoder, every block of a transformer) are stacked and run as one
     ``jax.vmap``-ed computation: one batched Cholesky, eigendecomposition or product instead of
     one per layer, and a compiled program that grows with the number of distinct layer shapes,
-    not with depth. ``batched=False`` runs every layer on its own."""
+    not with depth. ``batched=False`` runs every layer on its own; ``None``: the plan's
+    ``batch_layers``."""
+    if batched is None:
+        batched = plan.batch_layers
     if not batched:
         return {
             name: fn(block, *(tree[name] for tree in per_layer))
@@ -203,10 +206,21 @@ def _update_curvature(
             lambda: (curvature, health),
         )
 
-    def with_statistics():
-        stats, health, captured = _observe(
-            plan, state, params, inputs, targets, where, key, decay, precomputed
+    def observe():
+        return _observe(plan, state, params, inputs, targets, where, key, decay, precomputed)
+
+    if not any(getattr(b, "observes_in_basis", True) for _, b in plan.blocks_in_order):
+        # Nothing is merged in the new bases: observe, then refresh, each under its own cond,
+        # so that the refresh is compiled once.
+        stats, health = jax.lax.cond(
+            do_stats, lambda: observe()[:2], lambda: (state.statistics, state.health)
         )
+        curvature, health = refresh_if(stats, state.curvature, health)
+        return stats, curvature, health
+
+    # EKFAC: the batch's captures are merged in the bases of this step's refresh.
+    def with_statistics():
+        stats, health, captured = observe()
         curvature, health = refresh_if(stats, state.curvature, health)
         return stats, _observe_in_bases(plan, curvature, captured, decay), health
 

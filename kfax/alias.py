@@ -101,6 +101,7 @@ def kfac(
     weight_sharing: str = "expand",
     max_factor_size: int | None = None,
     inverse_strategy: str = "replicated",
+    batch_layers: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC with a learning rate and momentum, or with the adaptive step of Martens & Grosse.
 
@@ -126,8 +127,7 @@ def kfac(
       adaptive_damping, damping_every, min_damping: the Levenberg-Marquardt rule (adaptive only).
       block, centering, kind, samples, ema_decay, stats_every, inverse_every, stats_batch_size,
         batch_axes, unmatched, seed, axis_name, weight_sharing, max_factor_size,
-        inverse_strategy: passed to
-        :func:`kfax.scale_by_kfac`.
+        inverse_strategy, batch_layers: passed to :func:`kfax.scale_by_kfac`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, inputs,
@@ -171,6 +171,7 @@ def kfac(
         weight_sharing=weight_sharing,
         max_factor_size=max_factor_size,
         inverse_strategy=inverse_strategy,
+        batch_layers=batch_layers,
     )
     if adaptive:
         return quadratic_model_step(

@@ -106,6 +106,8 @@ BAD_PRECONDITIONER_OPTIONS = {
     "batch_axes=1": ({"batch_axes": 1}, "batch_axes", "1"),
     "batch_axes-entry": ({"batch_axes": {"images": 0, "labels": 1}}, "batch_axes", "1"),
     "axis_name": ({"axis_name": 3}, "axis_name", "3"),
+    "batch_layers=str": ({"batch_layers": "yes"}, "batch_layers", "'yes'"),
+    "batch_layers=1": ({"batch_layers": 1}, "batch_layers", "1"),
 }
 
 

@@ -1,7 +1,9 @@
-"""One preconditioner step (kfax._step): layers of equal shapes run as one batched computation.
+"""One preconditioner step (kfax._step): with ``batch_layers=True`` layers of equal shapes run
+as one batched computation.
 
-The batched path must give what each layer's block gives on its own (float64, 1e-12), and the
-compiled step must hold one set of factorisations per group of equal layers, not per layer.
+The batched path must give what each layer's block gives on its own (float64, 1e-12); the
+compiled step factorises each layer once (not once per statistics branch), and with
+``batch_layers=True`` runs the products of a group of equal layers as one batch.
 """
 
 import jax
@@ -19,13 +21,21 @@ SIZES = (4, 6, 6, 6, 6, 3)  # dense_1..dense_3 are 6 -> 6: one group of three
 
 @pytest.mark.parametrize("block", ["factored", "eigen", "ekfac"])
 def test_batched_blocks_give_the_per_layer_updates(x64, block):
+    """EKFAC merges the batch in this step's bases: the other step structure (kfax._step)."""
     params, apply_fn, x, _ = models.mlp(sizes=SIZES, batch=20)
     y = jnp.arange(20) % 3
     loss = kfax.losses.SoftmaxCrossEntropy()
     grads = jax.grad(lambda p: loss(apply_fn(p, x), y))(params)
     lam = 0.05
     tx = kfax.scale_by_kfac(
-        apply_fn, loss, example_inputs=x, kind="exact", block=block, ema_decay=0.0, damping=lam
+        apply_fn,
+        loss,
+        example_inputs=x,
+        kind="exact",
+        block=block,
+        ema_decay=0.0,
+        damping=lam,
+        batch_layers=True,
     )
     updates, _ = tx.update(grads, tx.init(params), params, inputs=x)
 
@@ -56,18 +66,26 @@ def test_batched_blocks_give_the_per_layer_updates(x64, block):
         )
 
 
-def test_the_compiled_step_factorises_layer_by_layer_and_preconditions_in_groups():
+@pytest.mark.parametrize("batch_layers", [False, True])
+def test_the_compiled_step_factorises_each_layer_once_and_batches_products_on_request(
+    batch_layers,
+):
     """Five layers in three shape groups. The refresh factorises each layer on its own (ten
-    Cholesky factorisations, A and B per layer, in each of the two branches that refresh): a
-    batched factorisation deadlocks XLA's CPU runtime now and then (kfax/_step.py, _refresh).
-    The preconditioning products of the three 6 x 6 layers run as one batch of three."""
+    Cholesky factorisations, A and B per layer), once: the statistics and the refresh are
+    separate branches, so the refresh is not compiled into both ways of the statistics branch
+    (a batched factorisation deadlocks XLA's CPU runtime now and then: kfax/_step.py,
+    _refresh). With ``batch_layers=True`` the products of the three 6 x 6 layers run as one
+    batch of three; by default each layer runs its own."""
     params, apply_fn, x, _ = models.mlp(sizes=SIZES, batch=20)
     y = jnp.arange(20) % 3
     loss = kfax.losses.SoftmaxCrossEntropy()
-    tx = kfax.scale_by_kfac(apply_fn, loss, example_inputs=x)
+    tx = kfax.scale_by_kfac(apply_fn, loss, example_inputs=x, batch_layers=batch_layers)
     grads = jax.grad(lambda p: loss(apply_fn(p, x), y))(params)
-    text = str(jax.make_jaxpr(lambda s: tx.update(grads, s, params, inputs=x))(tx.init(params)))
-    calls = [line for line in text.splitlines() if "jit[name=_cholesky" in line]
-    assert len(calls) == 2 * 10, len(calls)
-    assert not any("f32[3,6,6] = jit[name=_cholesky" in line for line in calls)
-    assert any("f32[3,6,6] = dot_general" in line for line in text.splitlines())
+    step = jax.jit(lambda s: tx.update(grads, s, params, inputs=x))
+    lowered = step.lower(tx.init(params)).as_text()  # StableHLO: one call per factorisation
+    calls = [line for line in lowered.splitlines() if "func.call @_cholesky" in line]
+    assert len(calls) == 10, len(calls)
+    assert not any("tensor<3x6x6xf32>" in line for line in calls)
+    jaxpr = str(jax.make_jaxpr(step)(tx.init(params)))
+    batched = any("f32[3,6,6] = dot_general" in line for line in jaxpr.splitlines())
+    assert batched == batch_layers

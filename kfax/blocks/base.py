@@ -49,7 +49,9 @@ class Block(Protocol):
 
     def observe_in_basis(self, curvature: Any, capture: LayerCapture, decay: jax.Array) -> Any:
         """Merge a batch into statistics that live in the curvature's basis (EKFAC's scalings);
-        blocks without such statistics return ``curvature`` unchanged."""
+        blocks without such statistics return ``curvature`` unchanged, and may say so with a
+        class attribute ``observes_in_basis = False`` (absent: assumed True), which lets the
+        step compile the refresh once instead of once per statistics branch."""
 
     def precondition(
         self, statistics: Any, curvature: Any, grad: LayerGradient, damping: jax.Array

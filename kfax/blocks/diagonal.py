@@ -46,6 +46,7 @@ class DiagonalBlock:
     centering: str = "exact"  # unused
 
     name: ClassVar[str] = "diagonal"
+    observes_in_basis: ClassVar[bool] = False
     kinds: ClassVar[tuple[str, ...]] = ("parameter", "scale_shift", "dense", "conv")
 
     @property

@@ -59,6 +59,7 @@ def per_example_squares(h: jax.Array, g: jax.Array, scale: jax.Array) -> jax.Arr
 
 class EKFACBlock(EigenBlock):
     name: ClassVar[str] = "ekfac"
+    observes_in_basis: ClassVar[bool] = True
 
     def identity_factors(self, input_size: int, output_size: int, dtype: Any) -> EKFACBasis:
         basis = super().identity_factors(input_size, output_size, dtype)

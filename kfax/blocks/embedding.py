@@ -50,6 +50,7 @@ class EmbeddingBlock:
     centering: str = "exact"  # unused: a gather has no bias
 
     name: ClassVar[str] = "embedding"
+    observes_in_basis: ClassVar[bool] = False
     kinds: ClassVar[tuple[str, ...]] = ("embedding",)
 
     def factor_sizes(self) -> tuple[str, str]:

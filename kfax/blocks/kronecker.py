@@ -191,6 +191,7 @@ class KroneckerBlock:
 
     name: ClassVar[str] = "kronecker"
     kinds: ClassVar[tuple[str, ...]] = ("dense", "conv")
+    observes_in_basis: ClassVar[bool] = False  # EKFAC overrides observe_in_basis
 
     @classmethod
     def build(cls, site: _tracing.LayerSite, centering: str = "exact", **options: Any) -> Any:

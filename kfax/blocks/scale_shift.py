@@ -72,6 +72,7 @@ class ScaleShiftBlock:
     centering: str = "exact"  # unused
 
     name: ClassVar[str] = "scale_shift"
+    observes_in_basis: ClassVar[bool] = False
     kinds: ClassVar[tuple[str, ...]] = ("scale_shift",)
 
     @property

@@ -31,6 +31,10 @@ class StackedBlock:
         return self.inner.name
 
     @property
+    def observes_in_basis(self) -> bool:
+        return getattr(self.inner, "observes_in_basis", True)
+
+    @property
     def size(self) -> int:
         return self.site.geometry.size
 
