@@ -45,7 +45,8 @@ def state_shardings(state: Any, mesh: Mesh, axes: str | tuple[str, ...] | None =
       A pytree of ``jax.sharding.NamedSharding`` with the structure of ``state``.
 
     Raises:
-      ValueError: an axis of ``axes`` that ``mesh`` does not have.
+      ValueError: an axis of ``axes`` that ``mesh`` does not have; a ``state`` with no
+        :class:`kfax.KFACState` in it (e.g. another optimiser's state, or parameters).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, kfax
@@ -91,4 +92,10 @@ def state_shardings(state: Any, mesh: Mesh, axes: str | tuple[str, ...] | None =
             curvature=jax.tree.map(by_rows, node.curvature),
         )
 
-    return jax.tree.map(place, state, is_leaf=lambda node: isinstance(node, KFACState))
+    is_kfac = lambda node: isinstance(node, KFACState)  # noqa: E731
+    if not any(is_kfac(node) for node in jax.tree.leaves(state, is_leaf=is_kfac)):
+        raise ValueError(
+            "state_shardings found no kfax.KFACState in state: pass the state of a kfax "
+            "optimiser (opt.init(params) of kfax.kfac or a chain with kfax.scale_by_kfac)."
+        )
+    return jax.tree.map(place, state, is_leaf=is_kfac)

@@ -123,3 +123,10 @@ def test_state_shardings_split_square_factors_whose_size_divides_and_replicate_t
         square = leaf.ndim == 2 and leaf.shape[0] == leaf.shape[1]
         assert sharding.spec == (split if square else jax.sharding.PartitionSpec())
     assert sum(s.spec == split for s in jax.tree.leaves(layout)) == 8  # 2 layers x 4 matrices
+
+
+def test_state_shardings_of_a_state_without_kfac_is_a_clear_error():
+    params, _, _, _ = models.mlp(sizes=(4, 6, 3), batch=8)
+    mesh = jax.make_mesh((1,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    with pytest.raises(ValueError, match="found no kfax.KFACState"):
+        kfax.state_shardings(optax.adam(1e-3).init(params), mesh)
