@@ -20,8 +20,8 @@ the library's own functions jitted on its own and timed in turn (median over
 (:func:`kfax.statistics.statistics_pass`: tapped forward and vjp of sampled cotangents), the
 blocks' ``observe`` (moments and moving averages), ``refresh`` (factored blocks' Cholesky
 inverses; eigen blocks' eigendecompositions for comparison) and ``precondition`` (the blocks
-come from :func:`kfax._plan.make_plan`, and run through kfax's own ``map_layers``, which batches
-layers of identical shapes, where kfax has it: as in the optimiser's step), and the full jitted
+come from :func:`kfax._plan.make_plan`, and run through kfax's own ``map_layers``, layer by
+layer unless ``batch_layers=True``: as in the optimiser's step), and the full jitted
 training step without and with a refresh, for ``kfac(lr)`` and ``kfac(None)``. XLA's FLOP
 estimate and the compile time of each piece are recorded. ``--quick`` leaves out the
 eigendecompositions (slow on the quick autoencoder's 784-wide input layer) and the fused path.

@@ -131,10 +131,11 @@ def scale_by_kfac(
       batch_layers: run layers with the same block and shapes (an autoencoder's mirrored
         layers, a transformer's blocks) as one ``jax.vmap``-ed computation for the statistics
         and the preconditioning products. The same updates (tested to 1e-12 in float64). Off
-        by default: on XLA:CPU it measured slower to compile and to run (a 32-layer MLP of
-        width 256: 148 against 88 ms per step; the benchmark transformer: 330 against 274
-        ms, compile 17.5 against 12.1 s; the autoencoder level), the stacking copies costing
-        more than the batching saves. ``benchmarks/gpu.sh`` measures it on an accelerator.
+        by default: on XLA:CPU it measured no faster and often slower (benchmarks/README.md):
+        a 32-layer MLP of width 256 runs 1.25x slower and compiles in 13.5 against 8.8 s;
+        the benchmark transformer and the MNIST autoencoder run level (within 2%), the
+        transformer compiling in 17.8 against 15.2 s. Stacking the per-layer state copies
+        every factor twice per step. ``benchmarks/gpu.sh`` measures it on an accelerator.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *,
