@@ -64,16 +64,27 @@ class KFACState(NamedTuple):
     damping: jax.Array
 
 
+def _configuration(block: Any) -> tuple:
+    """A block's class and options, and of its site only the geometry and whether it has a bias
+    (not where the layer is), recursing into blocks it wraps (a stack's per-layer block carries
+    a site of its own)."""
+    fields = []
+    for field in dataclasses.fields(block):
+        value = getattr(block, field.name)
+        if field.name == "site":
+            fields.append(("site", (value.geometry, value.bias_path is None)))
+            continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = _configuration(value)
+        fields.append((field.name, value))
+    return (type(block), tuple(fields))
+
+
 def _signature(block: Any, args: tuple) -> tuple:
     """Blocks of one class and configuration, on arguments of the same shapes, can run as one
     vmapped computation: everything but the layer's position in the model must agree."""
-    fields = tuple(
-        (f.name, getattr(block, f.name)) for f in dataclasses.fields(block) if f.name != "site"
-    )
-    site = block.site
     shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(args))
-    treedef = jax.tree.structure(args)
-    return (type(block), fields, site.geometry, site.bias_path is None, treedef, shapes)
+    return (_configuration(block), jax.tree.structure(args), shapes)
 
 
 def map_layers(plan: Plan, fn: Callable, *per_layer: dict, batched: bool | None = None) -> dict:

@@ -7,8 +7,11 @@ every device of a data-parallel mesh, it costs every device the whole state.
 eigenbasis is split by rows over the mesh, so that each device holds ``1/n_devices`` of them
 (the optimiser-state sharding of ZeRO stage 1, Rajbhandari et al., SC 2020). Pass it to
 ``jax.jit``'s ``out_shardings`` (and ``jax.device_put`` the initial state with it): XLA then
-computes each factor's new moments as a reduce-scatter of the batch's outer products, and gathers
-a factor's rows where the whole factor is needed (a refresh, a preconditioning product).
+chooses the collectives that keep each factor split between steps and gather its rows where the
+whole factor is needed (a refresh, a preconditioning product); on XLA:CPU these are all-reduces
+and all-gathers. A factor whose size does not divide by the number of devices stays replicated;
+with ``centering="none"`` the input factor is one wider than the layer's input (the bias's
+homogeneous coordinate), so a power-of-two width gives an odd factor that stays replicated.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ def state_shardings(state: Any, mesh: Mesh, axes: str | tuple[str, ...] | None =
       A pytree of ``jax.sharding.NamedSharding`` with the structure of ``state``.
 
     Raises:
-      ValueError: an axis of ``axes`` that ``mesh`` does not have; a ``state`` with no
-        :class:`kfax.KFACState` in it (e.g. another optimiser's state, or parameters).
+      ValueError: ``mesh`` not a ``Mesh``; ``axes`` not axis names, naming an axis twice or
+        one that ``mesh`` does not have, or an axis of type ``AxisType.Explicit``; a ``state``
+        with no :class:`kfax.KFACState` in it (e.g. another optimiser's state, or parameters)
+        or with a leading device axis (a state taken out of ``jax.pmap``).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, kfax
@@ -65,13 +70,28 @@ def state_shardings(state: Any, mesh: Mesh, axes: str | tuple[str, ...] | None =
     With several devices, ``jax.jit(step, out_shardings=(..., shardings, ...))`` keeps the
     state split from step to step.
     """
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {mesh!r}.")
     names = tuple(mesh.axis_names)
     if axes is None:
         axes = names
-    axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes)
+    axes_tuple = (axes,) if isinstance(axes, str) else axes
+    if not isinstance(axes_tuple, (tuple, list)) or not all(isinstance(a, str) for a in axes_tuple):
+        raise ValueError(f"axes must be a mesh axis name or a tuple of them, got {axes!r}.")
+    axes_tuple = tuple(axes_tuple)
     unknown = [a for a in axes_tuple if a not in names]
     if unknown:
         raise ValueError(f"mesh has axes {list(names)}, not {unknown} (axes={axes!r}).")
+    if len(set(axes_tuple)) != len(axes_tuple):
+        raise ValueError(f"axes names a mesh axis twice: {axes!r}.")
+    kinds = dict(zip(names, getattr(mesh, "axis_types", ()) or (), strict=False))
+    explicit = [a for a in axes_tuple if kinds.get(a) == jax.sharding.AxisType.Explicit]
+    if explicit:
+        raise ValueError(
+            f"mesh axes {explicit} are of type AxisType.Explicit (jax.make_mesh's default); "
+            "kfax's state is split over Auto axes, where XLA places the collectives: "
+            "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))."
+        )
     n_devices = math.prod(mesh.shape[a] for a in axes_tuple)
     split = axes_tuple[0] if len(axes_tuple) == 1 else axes_tuple
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -86,6 +106,13 @@ def state_shardings(state: Any, mesh: Mesh, axes: str | tuple[str, ...] | None =
     def place(node: Any) -> Any:
         if not isinstance(node, KFACState):
             return replicated
+        if getattr(node.count, "ndim", 0):
+            raise ValueError(
+                f"state has a leading device axis (its step count has shape "
+                f"{tuple(node.count.shape)}), as a state taken out of jax.pmap does: "
+                "state_shardings takes one device's state, e.g. jax.tree.map(lambda a: a[0], "
+                "state)."
+            )
         shardings = jax.tree.map(lambda _: replicated, node)
         return shardings._replace(
             statistics=jax.tree.map(by_rows, node.statistics),

@@ -130,3 +130,21 @@ def test_state_shardings_of_a_state_without_kfac_is_a_clear_error():
     mesh = jax.make_mesh((1,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
     with pytest.raises(ValueError, match="found no kfax.KFACState"):
         kfax.state_shardings(optax.adam(1e-3).init(params), mesh)
+
+
+def test_state_shardings_names_what_is_wrong_with_its_arguments():
+    params, apply_fn, x, _ = models.mlp(sizes=(4, 6, 3), batch=8)
+    state = kfax.scale_by_kfac(apply_fn, kfax.losses.SquaredError(), example_inputs=x).init(params)
+    auto = jax.make_mesh((1,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    explicit = jax.make_mesh((1,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+    cases = [
+        ((state, explicit), "AxisType.Explicit"),
+        ((state, None), "mesh must be a jax.sharding.Mesh"),
+        ((state, auto, 0), "axes must be a mesh axis name or a tuple"),
+        ((state, auto, ("batch", "batch")), "names a mesh axis twice"),
+        # a state taken out of jax.pmap: every leaf has a leading device axis
+        ((jax.tree.map(lambda a: a[None], state), auto), "leading device axis"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            kfax.state_shardings(*args)

@@ -89,3 +89,58 @@ def test_the_compiled_step_factorises_each_layer_once_and_batches_products_on_re
     jaxpr = str(jax.make_jaxpr(step)(tx.init(params)))
     batched = any("f32[3,6,6] = dot_general" in line for line in jaxpr.splitlines())
     assert batched == batch_layers
+
+
+def _two_scanned_stacks():
+    """Two stacks of three 8 -> 8 layers, each run by its own ``lax.scan``, then an output."""
+    keys = jax.random.split(jax.random.key(1), 4)
+    params = {
+        "s1": {"W": jax.random.normal(keys[0], (3, 8, 8)) / 3, "b": jnp.zeros((3, 8))},
+        "s2": {"W": jax.random.normal(keys[1], (3, 8, 8)) / 3, "b": jnp.full((3, 8), 0.1)},
+        "out": {"kernel": jax.random.normal(keys[2], (8, 4)) / 3},
+    }
+
+    def apply_fn(p, x):
+        def body(h, wb):
+            return jnp.tanh(h @ wb[0] + wb[1]), None
+
+        h = jax.lax.scan(body, x, (p["s1"]["W"], p["s1"]["b"]))[0]
+        h = jax.lax.scan(body, h, (p["s2"]["W"], p["s2"]["b"]))[0]
+        return h @ p["out"]["kernel"]
+
+    return params, apply_fn, jax.random.normal(keys[3], (16, 8))
+
+
+def test_two_stacks_of_the_same_shapes_are_one_group_and_give_the_per_layer_updates(x64):
+    """A stack's block wraps a per-layer block with a site of its own; two stacks of the same
+    shapes still form one group (a batch of two stacks in the compiled step) and give the
+    updates of per-layer blocks at every step of an inverse_every=2 cadence (float64)."""
+    params, apply_fn, x = _two_scanned_stacks()
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    x, y = x.astype(jnp.float64), jnp.arange(16) % 4
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    runs = {}
+    for batch_layers in (False, True):
+        tx = kfax.scale_by_kfac(
+            apply_fn, loss, example_inputs=x, kind="exact", inverse_every=2,
+            batch_layers=batch_layers,
+        )  # fmt: skip
+
+        @jax.jit
+        def step(p, s, tx=tx):
+            g = jax.grad(lambda q: loss(apply_fn(q, x), y))(p)
+            u, s = tx.update(g, s, p, inputs=x)
+            return optax.apply_updates(p, jax.tree.map(lambda v: -0.1 * v, u)), s, u
+
+        p, s, updates = params, tx.init(params), []
+        for _ in range(4):
+            p, s, u = step(p, s)
+            updates.append(u)
+        runs[batch_layers] = updates
+        jaxpr = str(jax.make_jaxpr(step)(params, tx.init(params)))
+        assert any("f64[2,3,8,8] = dot_general" in line for line in jaxpr.splitlines()) == (
+            batch_layers
+        )
+    for i, (a, b) in enumerate(zip(runs[False], runs[True], strict=True)):
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(v, u, rtol=1e-12, atol=1e-14, err_msg=f"step {i + 1}")
