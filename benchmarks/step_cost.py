@@ -249,7 +249,7 @@ def each_layer(plan: Any, fn: Callable, *per_layer: dict) -> dict:
     """``{name: fn(block, *args)}`` as the optimiser's step runs it: kfax's ``map_layers``
     (layers of identical shapes batched into one computation) where kfax has it, else a loop."""
     try:
-        from kfax._step import map_layers  # noqa: PLC0415
+        from kfax._groups import map_layers  # noqa: PLC0415
     except ImportError:
         return {
             name: fn(block, *(tree[name] for tree in per_layer))

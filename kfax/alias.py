@@ -184,6 +184,11 @@ def kfac(
             min_damping=DEFAULT_MIN_DAMPING if min_damping is None else min_damping,
             axis_name=axis_name,
         )
+    return _with_learning_rate(preconditioner, learning_rate, momentum, norm_constraint)
+
+
+def _with_learning_rate(preconditioner, learning_rate, momentum, norm_constraint):
+    """The fixed-rate mode: norm constraint, heavy-ball momentum, descent at the rate."""
     _validation.positive("learning_rate", learning_rate, schedule=True)
     momentum = DEFAULT_MOMENTUM if momentum is None else momentum
     _validation.in_unit_interval("momentum", momentum)

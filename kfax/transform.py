@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfax import _arguments, _capture, _validation, distributed
+from kfax import _arguments, _capture, _sub_batches, _validation, distributed
 from kfax import statistics as _statistics
 from kfax._plan import Plan, make_plan
 from kfax._step import KFACState, LayerHealth, preconditioner_step
@@ -45,6 +45,18 @@ def _check_options(loss, kind, damping, block, centering, ema_decay, stats_every
     _validation.in_unit_interval("ema_decay", ema_decay)
     _validation.count("stats_every", stats_every)
     _validation.count("inverse_every", inverse_every)
+
+
+def _check_wiring(example_inputs, batch_axes, unmatched, seed, weight_sharing, batch_layers):
+    _sub_batches.check_batch_axes_entries(batch_axes)
+    if example_inputs is not None:
+        _sub_batches.check_batch_axes(batch_axes, example_inputs)
+    if unmatched is not None and not isinstance(unmatched, optax.GradientTransformation):
+        raise ValueError(f"unmatched must be an optax GradientTransformation, got {unmatched!r}.")
+    _validation.integer("seed", seed)
+    _validation.choice("weight_sharing", weight_sharing, WEIGHT_SHARINGS)
+    if not isinstance(batch_layers, bool):
+        raise ValueError(f"batch_layers must be True or False, got {batch_layers!r}.")
 
 
 def scale_by_kfac(
@@ -128,14 +140,9 @@ def scale_by_kfac(
         all-reduce per refresh; Pauloski et al., SC 2021) over the devices of ``axis_name``
         or, without it, of the ``jax.set_mesh`` mesh (``ValueError`` at ``update`` with
         neither). Both give the same state; details in :mod:`kfax.distributed`.
-      batch_layers: run layers with the same block and shapes (an autoencoder's mirrored
-        layers, a transformer's blocks) as one ``jax.vmap``-ed computation for the statistics
-        and the preconditioning products. The same updates (tested to 1e-12 in float64). Off
-        by default: on XLA:CPU it measured no faster and often slower (benchmarks/README.md):
-        a 32-layer MLP of width 256 runs 1.25x slower and compiles in 13.5 against 8.8 s;
-        the benchmark transformer and the MNIST autoencoder run level (within 2%), the
-        transformer compiling in 17.8 against 15.2 s. Stacking the per-layer state copies
-        every factor twice per step. ``benchmarks/gpu.sh`` measures it on an accelerator.
+      batch_layers: run layers with the same block and shapes as one ``jax.vmap``-ed
+        computation (the same updates). Off by default: on XLA:CPU it measured level or slower
+        (1.25x on a 32-layer MLP; benchmarks/README.md, "Batched against per-layer blocks").
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(grads, state, params, *,
@@ -165,16 +172,8 @@ def scale_by_kfac(
       NeurIPS 2018 (EKFAC). George, "The algebra of second order methods" (centring).
     """
     _check_options(loss, kind, damping, block, centering, ema_decay, stats_every, inverse_every)
-    _statistics.check_batch_axes_entries(batch_axes)
-    if example_inputs is not None:
-        _statistics.check_batch_axes(batch_axes, example_inputs)
-    if unmatched is not None and not isinstance(unmatched, optax.GradientTransformation):
-        raise ValueError(f"unmatched must be an optax GradientTransformation, got {unmatched!r}.")
-    _validation.integer("seed", seed)
-    _validation.choice("weight_sharing", weight_sharing, WEIGHT_SHARINGS)
+    _check_wiring(example_inputs, batch_axes, unmatched, seed, weight_sharing, batch_layers)
     distributed.check_device_options(axis_name, inverse_strategy)
-    if not isinstance(batch_layers, bool):
-        raise ValueError(f"batch_layers must be True or False, got {batch_layers!r}.")
     max_factor_size = _validation.static_count("max_factor_size", max_factor_size)
     preconditioner = _Preconditioner(
         apply_fn,
@@ -230,7 +229,7 @@ class _Preconditioner:
             )
         _arguments.check_not_masked(params)
         _arguments.check_floating(params)
-        _statistics.check_batch_axes(self.batch_axes, self.example_inputs)
+        _sub_batches.check_batch_axes(self.batch_axes, self.example_inputs)
         layers = self.plan(params, self.example_inputs)
         layers.warn_about_suspect_biases(warnings.warn)
         dtype = layers.statistics_dtype(params)
@@ -271,7 +270,7 @@ class _Preconditioner:
         traced = _capture.trace_layers(self.apply_fn, params, inputs)
         _statistics.check_targets(self.loss, traced, targets)
         if self.stats_batch_size is not None:
-            inputs, targets, where = _sub_batch(
+            inputs, targets, where = _sub_batches.cut_to_sub_batch(
                 self.apply_fn,
                 params,
                 inputs,
@@ -286,16 +285,6 @@ class _Preconditioner:
         return preconditioner_step(
             layers, updates, state, params, inputs, targets, where, lam, *self.cadence, statistics
         )
-
-
-def _sub_batch(apply_fn, params, inputs, targets, where, size, batch_axes):
-    batch = _capture.trace_layers(apply_fn, params, inputs).output_avals[0][0][0]
-    take = _statistics.take_sub_batch
-    return (
-        take(inputs, size, batch, batch_axes),
-        take(targets, size, batch),
-        take(where, size, batch),
-    )
 
 
 def _current_damping(passed, state, option):
