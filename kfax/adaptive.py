@@ -14,10 +14,16 @@ steps the reduction ratio ``rho = (L(params + d) - L(params)) / q_0(d)``, with `
 undamped model (``lam = 0``; exactly the loss change on a quadratic objective), moves ``lam`` by
 Levenberg-Marquardt's rule. A step that is not finite is not stored: the previous update and the
 damping stay, and the step is counted.
+
+With ``model_batch_size=n`` the model (``grad_f L``, ``J``, ``H``) and the reduction ratio are those
+of the loss on the batch's first ``n`` examples, while the direction ``Delta`` still comes from the
+whole batch: the two Jacobian-vector products and the losses of ``rho`` then cost ``n / N`` of the
+batch's (Martens & Grosse 2015 estimate the model's products on a subset of the mini-batch too).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, NamedTuple
@@ -27,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kfax import _trees, _validation
+from kfax import _sub_batches, _trees, _validation
 from kfax.losses import Loss, check_loss
 
 # Levenberg-Marquardt: lower lam when rho > 3/4, raise it when rho < 1/4, by (19/20)^every.
@@ -70,6 +76,19 @@ class QuadraticModelState(NamedTuple):
     previous_update: Any
     damping: jax.Array
     info: StepInfo
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Static:
+    """The options of one :func:`quadratic_model_step` (hashed by identity: one compilation)."""
+
+    preconditioner: Any
+    apply_fn: Any
+    loss: Loss
+    adaptive_damping: bool
+    axis_name: Any
+    model_batch_size: int | None
+    batch_axes: Any
 
 
 def _pmean(x, axis_name):
@@ -130,7 +149,8 @@ def _warn_gradient_scale(scale, warn) -> None:
 @functools.partial(jax.jit, static_argnums=0)
 def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, rule):
     """One step of :func:`quadratic_model_step` (compiled once per wrapped preconditioner)."""
-    preconditioner, apply_fn, loss, adaptive_damping, axis_name = static
+    preconditioner, apply_fn, loss = static.preconditioner, static.apply_fn, static.loss
+    adaptive_damping, axis_name = static.adaptive_damping, static.axis_name
     damping_every, min_damping, max_damping, fixed_damping = rule
     # Levenberg-Marquardt owns the damping in the state; without it the option (which
     # optax.inject_hyperparams may change between steps) is the damping.
@@ -147,6 +167,11 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
     )
     delta = jax.tree.map(jnp.negative, direction)
     previous = state.previous_update
+    whole_batch = static.model_batch_size is None
+    if not whole_batch:
+        inputs, targets, where = _model_sub_batch(
+            apply_fn, params, inputs, targets, where, static.model_batch_size, static.batch_axes
+        )
     tangents = jax.tree.map(lambda a, b: jnp.stack([a, b.astype(a.dtype)]), delta, previous)
     b, m, norms, before = _quadratic_terms(
         apply_fn, loss, params, inputs, targets, where, tangents, lam, axis_name
@@ -158,7 +183,8 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
     along = _trees.vdot(grads, delta)
     scale = along / jnp.where(b[0] != 0, b[0], 1.0)
     # A zero gradient (optax.MultiSteps between its applying steps) says nothing of the scale.
-    warn = (along != 0) & (jnp.abs(scale - 1) > _SCALE_TOLERANCE)
+    # On a sub-batch the model's gradient term is an estimate of the batch's: no warning then.
+    warn = whole_batch & (along != 0) & (jnp.abs(scale - 1) > _SCALE_TOLERANCE)
     jax.lax.cond(warn, lambda: jax.debug.callback(_warn_gradient_scale, scale, warn), lambda: None)
 
     def ratio():
@@ -189,6 +215,18 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
     )
 
 
+def _model_sub_batch(apply_fn, params, inputs, targets, where, size, batch_axes):
+    """``(inputs, targets, where)`` cut to their first ``size`` examples (the batch size is the
+    outputs' leading axis)."""
+    batch = jax.eval_shape(apply_fn, params, inputs).shape[0]
+    take = _sub_batches.take_sub_batch
+    return (
+        take(inputs, size, batch, batch_axes),
+        take(targets, size, batch),
+        take(where, size, batch),
+    )
+
+
 def quadratic_model_step(
     preconditioner: optax.GradientTransformation,
     apply_fn: Any,
@@ -200,6 +238,8 @@ def quadratic_model_step(
     min_damping: float = 1e-4,
     max_damping: float = 1e10,
     axis_name: Any = None,
+    model_batch_size: int | None = None,
+    batch_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Step size, momentum and damping from the quadratic model (module docstring).
 
@@ -213,6 +253,13 @@ def quadratic_model_step(
       min_damping, max_damping: bounds of the adjusted damping.
       axis_name: the device axis of ``pmap`` / ``shard_map`` (as the preconditioner's): the
         model's terms and the reduction ratio are averaged across it.
+      model_batch_size: evaluate the quadratic model and the reduction ratio on the first
+        ``model_batch_size`` examples of each batch (a Python int; ``None``, the default: the
+        whole batch). ``StepInfo.gradient_scale`` is then a sub-batch estimate and no warning
+        is given about it.
+      batch_axes: which input leaves are batched, for ``model_batch_size`` (``0`` or ``None``
+        per leaf, like ``jax.vmap``'s ``in_axes``; default: leaves whose leading axis has the
+        outputs' batch size).
 
     Returns:
       A transform whose ``update(grads, state, params, *, inputs, targets, where=None)`` returns
@@ -232,7 +279,12 @@ def quadratic_model_step(
     _validation.count("damping_every", damping_every)
     _validation.positive("min_damping", min_damping)
     _validation.positive("max_damping", max_damping)
+    model_batch_size = _validation.static_count("model_batch_size", model_batch_size)
+    _sub_batches.check_batch_axes_entries(batch_axes)
     preconditioner = optax.with_extra_args_support(preconditioner)
+    static = _Static(
+        preconditioner, apply_fn, loss, adaptive_damping, axis_name, model_batch_size, batch_axes
+    )
 
     def init_fn(params):
         dtype = _trees.floating_dtype(params)
@@ -264,18 +316,10 @@ def quadratic_model_step(
                 "inputs=... and targets=... in update: it evaluates the loss on the batch."
             )
         _check_same_shapes(state.previous_update, params)
+        if model_batch_size is not None:
+            _sub_batches.check_batch_axes(batch_axes, inputs)
         rule = (damping_every, min_damping, max_damping, damping)
-        return _adaptive_step(
-            (preconditioner, apply_fn, loss, adaptive_damping, axis_name),
-            grads,
-            state,
-            params,
-            inputs,
-            targets,
-            where,
-            extra,
-            rule,
-        )
+        return _adaptive_step(static, grads, state, params, inputs, targets, where, extra, rule)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

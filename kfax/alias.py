@@ -94,6 +94,7 @@ def kfac(
     stats_every: int = 1,
     inverse_every: int = 10,
     stats_batch_size: int | None = None,
+    model_batch_size: int | None = None,
     batch_axes: Any = None,
     unmatched: optax.GradientTransformation | None = None,
     seed: int = 0,
@@ -125,6 +126,8 @@ def kfac(
         initial value of the Levenberg-Marquardt rule). Default ``1e-2``.
       norm_constraint: the bound ``c`` of the norm constraint (fixed learning rate only).
       adaptive_damping, damping_every, min_damping: the Levenberg-Marquardt rule (adaptive only).
+      model_batch_size: the quadratic model and the reduction ratio on at most this many first
+        examples of each batch (adaptive only; default: the whole batch).
       block, centering, kind, samples, ema_decay, stats_every, inverse_every, stats_batch_size,
         batch_axes, unmatched, seed, axis_name, weight_sharing, max_factor_size,
         inverse_strategy, batch_layers: passed to :func:`kfax.scale_by_kfac`.
@@ -151,6 +154,11 @@ def kfac(
     adaptive = learning_rate is None
     extra = {"damping_every": damping_every, "min_damping": min_damping}
     _check_mode(adaptive, momentum, norm_constraint, adaptive_damping, extra, damping)
+    if not adaptive and model_batch_size is not None:
+        raise ValueError(
+            f"model_batch_size={model_batch_size!r} sizes the quadratic model of the adaptive "
+            "step, which needs learning_rate=None; leave it unset with a fixed learning rate."
+        )
     preconditioner = scale_by_kfac(
         apply_fn,
         loss,
@@ -183,6 +191,8 @@ def kfac(
             damping_every=DEFAULT_DAMPING_EVERY if damping_every is None else damping_every,
             min_damping=DEFAULT_MIN_DAMPING if min_damping is None else min_damping,
             axis_name=axis_name,
+            model_batch_size=model_batch_size,
+            batch_axes=batch_axes,
         )
     return _with_learning_rate(preconditioner, learning_rate, momentum, norm_constraint)
 

@@ -6,6 +6,7 @@ References are dense float64 computations in this file: the Gauss-Newton matrix 
 
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,8 @@ def linear_problem(batch=16, key=1):
 def gauss_newton(apply_fn, params, inputs, variance=1.0):
     flat, unravel = ravel_pytree(params)
     jac = jax.jacfwd(lambda p: apply_fn(unravel(p), inputs).ravel())(flat)
-    return jac.T @ jac / (variance * inputs.shape[0])
+    batch = apply_fn(params, inputs).shape[0]
+    return jac.T @ jac / (variance * batch)
 
 
 def test_step_size_and_momentum_solve_the_two_by_two_quadratic_model(x64):
@@ -61,10 +63,15 @@ def test_step_size_and_momentum_solve_the_two_by_two_quadratic_model(x64):
         params = optax.apply_updates(params, updates)
 
 
-@pytest.mark.parametrize("stats_batch_size", [None, 8, 4])
-def test_reduction_ratio_is_one_on_an_exactly_quadratic_objective(x64, stats_batch_size):
+@pytest.mark.parametrize(
+    ("stats_batch_size", "model_batch_size"), [(None, None), (8, None), (4, None), (4, 6)]
+)
+def test_reduction_ratio_is_one_on_an_exactly_quadratic_objective(
+    x64, stats_batch_size, model_batch_size
+):
     """Linear model, squared error: the loss is its own quadratic model, so rho = 1 whatever
-    the statistics sub-batch (issue: -0.50 and -0.60 with 8 and 4 of 16 examples)."""
+    the statistics sub-batch (issue: -0.50 and -0.60 with 8 and 4 of 16 examples) and on the
+    model's own sub-batch."""
     params, apply_fn, inputs, targets = linear_problem()
     loss = kfax.losses.SquaredError()
     opt = kfax.kfac(
@@ -75,6 +82,7 @@ def test_reduction_ratio_is_one_on_an_exactly_quadratic_objective(x64, stats_bat
         damping=1e-3,
         kind="exact",
         stats_batch_size=stats_batch_size,
+        model_batch_size=model_batch_size,
         damping_every=1,
     )
     state = opt.init(params)
@@ -85,6 +93,100 @@ def test_reduction_ratio_is_one_on_an_exactly_quadratic_objective(x64, stats_bat
         np.testing.assert_allclose(state.info.reduction_ratio, 1.0, rtol=1e-8)
         params = optax.apply_updates(params, updates)
     assert float(state.damping) < 1e-3  # rho > 3/4 lowers the damping
+
+
+def test_a_model_sub_batch_solves_the_quadratic_model_of_the_first_examples(x64):
+    """With model_batch_size=n, Delta still comes from the whole batch, but alpha and mu solve
+    the damped model of the loss on the first n examples: its residual g_n + (G_n + lam) d is
+    orthogonal to Delta and d_prev, and the predicted change is that model's (linear model,
+    squared error: G_n from jax.jacfwd is exact)."""
+    params, apply_fn, inputs, targets = linear_problem()
+    loss = kfax.losses.SquaredError()
+    lam, n = 0.05, 5
+    opt = kfax.kfac(
+        None,
+        apply_fn,
+        loss,
+        example_inputs=inputs,
+        damping=lam,
+        adaptive_damping=False,
+        model_batch_size=n,
+        **EXACT,
+    )
+    whole = kfax.kfac(
+        None, apply_fn, loss, example_inputs=inputs, damping=lam, adaptive_damping=False, **EXACT
+    )
+    state, whole_state = opt.init(params), whole.init(params)
+    for step in range(3):
+        grads = jax.grad(lambda p: loss(apply_fn(p, inputs), targets))(params)
+        sub_grads = jax.grad(lambda p: loss(apply_fn(p, inputs[:n]), targets[:n]))(params)
+        previous = state.previous_update
+        updates, state = opt.update(grads, state, params, inputs=inputs, targets=targets)
+        # The direction is the whole batch's: the preconditioner's states agree.
+        _, whole_state = whole.update(
+            grads,
+            whole_state._replace(previous_update=previous),
+            params,
+            inputs=inputs,
+            targets=targets,
+        )
+        chex.assert_trees_all_close(state.inner, whole_state.inner, rtol=1e-12)
+        info = state.info
+        g, d, prev = (ravel_pytree(t)[0] for t in (sub_grads, updates, previous))
+        gn = gauss_newton(apply_fn, params, inputs[:n])
+        residual = g + (gn + lam * jnp.eye(g.size)) @ d
+        delta = (d - info.momentum * prev) / info.step_size
+        np.testing.assert_allclose(delta @ residual, 0.0, atol=1e-10)
+        if step > 0:
+            np.testing.assert_allclose(prev @ residual, 0.0, atol=1e-10)
+            assert abs(float(info.momentum)) > 1e-6
+        np.testing.assert_allclose(info.predicted_change, g @ d + 0.5 * d @ gn @ d, rtol=1e-9)
+        params = optax.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize("model_batch_size", [16, 40])
+def test_a_model_sub_batch_as_large_as_the_batch_is_the_whole_batch(model_batch_size):
+    """model_batch_size >= the batch: the same steps and state as the default, bit for bit."""
+    params, apply_fn, inputs, targets = linear_problem()
+    loss = kfax.losses.SquaredError()
+    runs = []
+    for size in (None, model_batch_size):
+        opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs, model_batch_size=size)
+        p, state = params, opt.init(params)
+        for _ in range(3):
+            grads = jax.grad(lambda q: loss(apply_fn(q, inputs), targets))(p)
+            updates, state = opt.update(grads, state, p, inputs=inputs, targets=targets)
+            p = optax.apply_updates(p, updates)
+        runs.append((p, state))
+    chex.assert_trees_all_equal(runs[0], runs[1])
+
+
+def test_a_model_sub_batch_cuts_only_the_batched_input_leaves(x64):
+    """batch_axes says which input leaves the model's sub-batch cuts: a lookup table passed
+    with the inputs stays whole, and the step equals one on the first examples' inputs."""
+    params, apply_fn, inputs, targets = linear_problem()
+    loss = kfax.losses.SquaredError()
+    table = jnp.linspace(0.5, 1.5, 16)  # leading axis 16, like the batch: not batched
+    scaled = lambda p, x: apply_fn(p, x["x"] * jnp.mean(x["table"]))  # noqa: E731
+    both = {"x": inputs, "table": table}
+    opt = kfax.kfac(
+        None,
+        scaled,
+        loss,
+        example_inputs=both,
+        model_batch_size=4,
+        batch_axes={"x": 0, "table": None},
+        adaptive_damping=False,
+        **EXACT,
+    )
+    state = opt.init(params)
+    grads = jax.grad(lambda p: loss(scaled(p, both), targets))(params)
+    updates, state = opt.update(grads, state, params, inputs=both, targets=targets)
+    sub = {"x": inputs[:4], "table": table}
+    g = ravel_pytree(jax.grad(lambda p: loss(scaled(p, sub), targets[:4]))(params))[0]
+    gn = gauss_newton(scaled, params, sub)
+    d = ravel_pytree(updates)[0]
+    np.testing.assert_allclose(state.info.predicted_change, g @ d + 0.5 * d @ gn @ d, rtol=1e-9)
 
 
 def test_a_gradient_of_another_scale_gives_the_same_steps_and_is_reported():

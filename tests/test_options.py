@@ -150,6 +150,15 @@ BAD_ALIAS_OPTIONS = {
     "adaptive_damping=str": (None, {"adaptive_damping": "yes"}, "adaptive_damping", "'yes'"),
     "adaptive-damping=0": (None, {"damping": 0.0}, "damping", "0.0"),
     "adaptive-damping=inf": (None, {"damping": float("inf")}, "damping", "inf"),
+    "model_batch_size=0": (None, {"model_batch_size": 0}, "model_batch_size", "0"),
+    "model_batch_size=1.5": (None, {"model_batch_size": 1.5}, "model_batch_size", "1.5"),
+    "model_batch_size=True": (None, {"model_batch_size": True}, "model_batch_size", "True"),
+    "model-batch_axes": (
+        None,
+        {"model_batch_size": 4, "batch_axes": 1},
+        "batch_axes",
+        "1",
+    ),
 }
 
 
@@ -181,6 +190,7 @@ MODE_CONFLICTS = {
     "norm_constraint-adaptive": (None, {"norm_constraint": 1e-2}, "norm_constraint"),
     "damping_every-with-rate": (LEARNING_RATE, {"damping_every": 5}, "damping_every"),
     "min_damping-with-rate": (LEARNING_RATE, {"min_damping": 1e-6}, "min_damping"),
+    "model_batch_size-with-rate": (LEARNING_RATE, {"model_batch_size": 4}, "model_batch_size"),
     "damping-schedule-adaptive": (None, {"damping": _schedule}, "damping"),
 }
 
@@ -220,6 +230,7 @@ NUMERIC_OPTIONS = {
     "norm_constraint": ("kfac(lr)", 1e-3),
     "damping_every": ("kfac(None)", 2),
     "min_damping": ("kfac(None)", 1e-6),
+    "model_batch_size": ("kfac(None)", 4),
 }
 SCALAR_KINDS = {
     "numpy": lambda v: np.int64(v) if isinstance(v, int) else np.float32(v),
