@@ -19,8 +19,11 @@ def _leading(x: Any) -> int | None:
     return shape[0] if shape else None
 
 
-def take_sub_batch(tree: Any, size: int, batch: int, batch_axes: Any = None) -> Any:
-    """The first ``size`` examples of every batched leaf of ``tree``; other leaves unchanged.
+def take_sub_batch(
+    tree: Any, size: int, batch: int, batch_axes: Any = None, last: bool = False
+) -> Any:
+    """The first ``size`` examples of every batched leaf of ``tree`` (the last ones with
+    ``last=True``); other leaves unchanged.
 
     ``batch_axes`` is ``None`` (a leaf is batched when its leading axis has the outputs' batch
     size ``batch``: lookup tables, masks of another shape and PRNG keys are left whole) or a
@@ -29,11 +32,12 @@ def take_sub_batch(tree: Any, size: int, batch: int, batch_axes: Any = None) -> 
     """
     if tree is None:
         return None
+    cut = (lambda x: x[-size:]) if last else (lambda x: x[:size])
     if batch_axes is None:
-        return jax.tree.map(lambda x: x[:size] if _leading(x) == batch else x, tree)
+        return jax.tree.map(lambda x: cut(x) if _leading(x) == batch else x, tree)
     axes = jax.tree.broadcast(batch_axes, tree, is_leaf=lambda a: a is None)
     return jax.tree.map(
-        lambda axis, x: x if axis is None else x[:size], axes, tree, is_leaf=lambda a: a is None
+        lambda axis, x: x if axis is None else cut(x), axes, tree, is_leaf=lambda a: a is None
     )
 
 

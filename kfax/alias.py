@@ -126,8 +126,9 @@ def kfac(
         initial value of the Levenberg-Marquardt rule). Default ``1e-2``.
       norm_constraint: the bound ``c`` of the norm constraint (fixed learning rate only).
       adaptive_damping, damping_every, min_damping: the Levenberg-Marquardt rule (adaptive only).
-      model_batch_size: the quadratic model and the reduction ratio on at most this many first
-        examples of each batch (adaptive only; default: the whole batch).
+      model_batch_size: the quadratic model and the reduction ratio on at most this many last
+        examples of each batch (adaptive only; default: the whole batch); ``stats_batch_size``
+        takes the first, so the model checks the step on examples the factors did not see.
       block, centering, kind, samples, ema_decay, stats_every, inverse_every, stats_batch_size,
         batch_axes, unmatched, seed, axis_name, weight_sharing, max_factor_size,
         inverse_strategy, batch_layers: passed to :func:`kfax.scale_by_kfac`.

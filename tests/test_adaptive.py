@@ -97,7 +97,7 @@ def test_reduction_ratio_is_one_on_an_exactly_quadratic_objective(
 
 def test_a_model_sub_batch_solves_the_quadratic_model_of_the_first_examples(x64):
     """With model_batch_size=n, Delta still comes from the whole batch, but alpha and mu solve
-    the damped model of the loss on the first n examples: its residual g_n + (G_n + lam) d is
+    the damped model of the loss on the last n examples: its residual g_n + (G_n + lam) d is
     orthogonal to Delta and d_prev, and the predicted change is that model's (linear model,
     squared error: G_n from jax.jacfwd is exact)."""
     params, apply_fn, inputs, targets = linear_problem()
@@ -119,7 +119,7 @@ def test_a_model_sub_batch_solves_the_quadratic_model_of_the_first_examples(x64)
     state, whole_state = opt.init(params), whole.init(params)
     for step in range(3):
         grads = jax.grad(lambda p: loss(apply_fn(p, inputs), targets))(params)
-        sub_grads = jax.grad(lambda p: loss(apply_fn(p, inputs[:n]), targets[:n]))(params)
+        sub_grads = jax.grad(lambda p: loss(apply_fn(p, inputs[-n:]), targets[-n:]))(params)
         previous = state.previous_update
         updates, state = opt.update(grads, state, params, inputs=inputs, targets=targets)
         # The direction is the whole batch's: the preconditioner's states agree.
@@ -133,7 +133,7 @@ def test_a_model_sub_batch_solves_the_quadratic_model_of_the_first_examples(x64)
         chex.assert_trees_all_close(state.inner, whole_state.inner, rtol=1e-12)
         info = state.info
         g, d, prev = (ravel_pytree(t)[0] for t in (sub_grads, updates, previous))
-        gn = gauss_newton(apply_fn, params, inputs[:n])
+        gn = gauss_newton(apply_fn, params, inputs[-n:])
         residual = g + (gn + lam * jnp.eye(g.size)) @ d
         delta = (d - info.momentum * prev) / info.step_size
         np.testing.assert_allclose(delta @ residual, 0.0, atol=1e-10)
@@ -163,7 +163,7 @@ def test_a_model_sub_batch_as_large_as_the_batch_is_the_whole_batch(model_batch_
 
 def test_a_model_sub_batch_cuts_only_the_batched_input_leaves(x64):
     """batch_axes says which input leaves the model's sub-batch cuts: a lookup table passed
-    with the inputs stays whole, and the step equals one on the first examples' inputs."""
+    with the inputs stays whole, and the step equals one on the last examples' inputs."""
     params, apply_fn, inputs, targets = linear_problem()
     loss = kfax.losses.SquaredError()
     table = jnp.linspace(0.5, 1.5, 16)  # leading axis 16, like the batch: not batched
@@ -182,8 +182,8 @@ def test_a_model_sub_batch_cuts_only_the_batched_input_leaves(x64):
     state = opt.init(params)
     grads = jax.grad(lambda p: loss(scaled(p, both), targets))(params)
     updates, state = opt.update(grads, state, params, inputs=both, targets=targets)
-    sub = {"x": inputs[:4], "table": table}
-    g = ravel_pytree(jax.grad(lambda p: loss(scaled(p, sub), targets[:4]))(params))[0]
+    sub = {"x": inputs[-4:], "table": table}
+    g = ravel_pytree(jax.grad(lambda p: loss(scaled(p, sub), targets[-4:]))(params))[0]
     gn = gauss_newton(scaled, params, sub)
     d = ravel_pytree(updates)[0]
     np.testing.assert_allclose(state.info.predicted_change, g @ d + 0.5 * d @ gn @ d, rtol=1e-9)
