@@ -16,7 +16,10 @@ statistics ``8 b d^2`` (tapped forward and pullback, then ``h^T h`` and ``g^T g`
 preconditioning ``4 d^3`` (two ``d x d`` products) and refresh ``2 d^3`` (two Cholesky inverses)
 divided by ``inverse_every``; state memory is measured.
 
-Writes ``<out>/scaling[_quick]<tag>.json`` and, with matplotlib, a PNG: step time against width
+``--scan`` writes the same stack as a ``lax.scan`` over stacked parameters, which kfax
+preconditions as one stacked block: compile time then stays flat in depth.
+
+Writes ``<out>/scaling[_scan][_quick]<tag>.json`` and, with matplotlib, a PNG: step time against width
 (log-log) and compile time against depth, per configuration.
 """
 
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import kfax
@@ -53,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of timed steps")
     parser.add_argument("--quick", action="store_true", help="widths 16,32 and depths 2,4")
+    parser.add_argument(
+        "--scan",
+        action="store_true",
+        help="the same stack written as a lax.scan over stacked parameters (one kfax block)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -67,9 +76,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def scaling_task(width: int, depth: int, batch: int, seed: int) -> Task:
-    """A deep linear stack with biases on random Gaussian data (four batches of it)."""
+def scanned_deep_linear(params: dict) -> tuple[dict, Any]:
+    """The layers of ``deep_linear`` stacked along a leading axis and applied by ``lax.scan``."""
+    names = sorted(params, key=lambda name: int(name.split("_")[1]))
+    stacked = {"stack": jax.tree.map(lambda *a: jnp.stack(a), *(params[n] for n in names))}
+
+    def apply_fn(params: dict, inputs: jax.Array) -> jax.Array:
+        def layer(x, p):
+            return x @ p["kernel"] + p["bias"], None
+
+        return jax.lax.scan(layer, inputs, params["stack"])[0]
+
+    return stacked, apply_fn
+
+
+def scaling_task(width: int, depth: int, batch: int, seed: int, scan: bool = False) -> Task:
+    """A deep linear stack with biases on random Gaussian data (four batches of it); ``scan``:
+    the same stack as a ``lax.scan`` over stacked parameters."""
     params, apply_fn = models.deep_linear(jax.random.key(seed), width, depth, bias=True)
+    if scan:
+        params, apply_fn = scanned_deep_linear(params)
     rng = np.random.default_rng(seed)
     inputs = rng.standard_normal((4 * batch, width)).astype(np.float32)
     targets = rng.standard_normal((4 * batch, width)).astype(np.float32)
@@ -84,7 +110,8 @@ def scaling_task(width: int, depth: int, batch: int, seed: int) -> Task:
         targets=targets,
         grids={name: grid for name in ("adam", "sgd", "muon", "psgd", "sophia", "kfac")}
         | {"kfac_jax_fixed": grid},
-        description=f"deep linear, {depth} layers of width {width}, squared error",
+        description=f"deep linear, {depth} layers of width {width}, squared error"
+        + (", lax.scan over stacked layers" if scan else ""),
         batch_size=batch,
     )
 
@@ -101,7 +128,7 @@ def flop_model(width: int, depth: int, batch: int, inverse_every: int = 10) -> d
 
 
 def measure(width: int, depth: int, specs: list[Spec], args: argparse.Namespace) -> dict:
-    task = scaling_task(width, depth, args.batch_size, args.seed)
+    task = scaling_task(width, depth, args.batch_size, args.seed, scan=args.scan)
     settings = argparse.Namespace(
         batch_size=args.batch_size,
         seed=args.seed,
@@ -166,12 +193,12 @@ def main(argv: list[str] | None = None) -> dict:
         "widths": [],
         "depths": [],
     }
-    for width in (int(w) for w in args.widths.split(",")):
+    for width in (int(w) for w in args.widths.split(",") if w):
         record["widths"].append(measure(width, args.depth_for_widths, specs, args))
-    for depth in (int(d) for d in args.depths.split(",")):
+    for depth in (int(d) for d in args.depths.split(",") if d):
         record["depths"].append(measure(args.width_for_depths, depth, specs, args))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"scaling{'_quick' if args.quick else ''}{args.tag}"
+    stem = f"scaling{'_scan' if args.scan else ''}{'_quick' if args.quick else ''}{args.tag}"
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=1))
     if not args.no_plot:
         try:

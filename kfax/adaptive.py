@@ -44,6 +44,9 @@ from kfax.losses import Loss, check_loss
 _LOWER_ABOVE, _RAISE_BELOW, _OMEGA = 0.75, 0.25, 19.0 / 20.0
 # Gradient scales further than this from 1 are reported once (see StepInfo.gradient_scale).
 _SCALE_TOLERANCE = 0.1
+# With the model on a sub-batch, its gradient term estimates the batch's: only scales outside
+# [1/2, 2] are reported (a sum over the batch instead of a mean is off by the batch size).
+_SUB_BATCH_SCALE_BAND = 2.0
 
 
 class StepInfo(NamedTuple):
@@ -58,7 +61,8 @@ class StepInfo(NamedTuple):
       ratio_step: the step count at which ``rho`` was last measured (-1: never).
       damping: the damping ``lam`` the step used.
       gradient_scale: ``<grad, Delta> / <grad_f L, J Delta>``: 1 when the gradient passed to
-        ``update`` is that of kfax's mean loss on ``inputs`` (0 before the first step).
+        ``update`` is that of kfax's mean loss on ``inputs`` (0 before the first step); with
+        ``model_batch_size``, ``grad_f L`` and ``J`` are the model's sub-batch's: an estimate.
       skipped_steps: steps whose step size, momentum or update were not finite (not stored).
     """
 
@@ -187,8 +191,11 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
     along = _trees.vdot(grads, delta)
     scale = along / jnp.where(b[0] != 0, b[0], 1.0)
     # A zero gradient (optax.MultiSteps between its applying steps) says nothing of the scale.
-    # On a sub-batch the model's gradient term is an estimate of the batch's: no warning then.
-    warn = whole_batch & (along != 0) & (jnp.abs(scale - 1) > _SCALE_TOLERANCE)
+    if whole_batch:
+        off = jnp.abs(scale - 1) > _SCALE_TOLERANCE
+    else:
+        off = (scale < 1 / _SUB_BATCH_SCALE_BAND) | (scale > _SUB_BATCH_SCALE_BAND)
+    warn = (along != 0) & off
     jax.lax.cond(warn, lambda: jax.debug.callback(_warn_gradient_scale, scale, warn), lambda: None)
 
     def ratio():
@@ -259,8 +266,8 @@ def quadratic_model_step(
         model's terms and the reduction ratio are averaged across it.
       model_batch_size: evaluate the quadratic model and the reduction ratio on the last
         ``model_batch_size`` examples of each batch (a Python int; ``None``, the default: the
-        whole batch). ``StepInfo.gradient_scale`` is then a sub-batch estimate and no warning
-        is given about it.
+        whole batch). ``StepInfo.gradient_scale`` is then a sub-batch estimate, and the warning
+        about it is given only outside ``[1/2, 2]`` (within 10% of 1 on the whole batch).
       batch_axes: which input leaves are batched, for ``model_batch_size`` (``0`` or ``None``
         per leaf, like ``jax.vmap``'s ``in_axes``; default: leaves whose leading axis has the
         outputs' batch size).

@@ -30,6 +30,17 @@ DEFAULT_DAMPING_EVERY = 5
 # diverged (loss 14 -> 129 at step 499, momentum -4); floors of 1e-4 and 1e-3 trained stably
 # for 1200 steps and ended lower (13.77).
 DEFAULT_MIN_DAMPING = 1e-4
+# The adaptive step's quadratic model and reduction ratio on at most this many examples. On the
+# MNIST autoencoder (batch 1000, 60-second races, seeds 0 and 1) a model on 256 examples followed
+# the whole batch's trajectory and reached Adam's 120-second loss in 29.6-30.4 s against
+# 36.3-36.6 s (benchmarks/README.md, "Sub-batches"); smaller batches are unaffected.
+DEFAULT_MODEL_BATCH_SIZE = 256
+# Statistics every 5 steps (scale_by_kfac's own default is every step). On the MNIST autoencoder
+# (batch 1000, refreshes every 10 steps, seeds 0 and 1) the adaptive mode reached Adam's
+# 120-second loss in 21.3-21.6 s with statistics every 5 steps, 22.5-23.9 s every 3, 29.3-30.4 s
+# every step, in the same 50 steps: a refresh sees two batches' statistics, and the moving
+# average still spans about 100 steps (benchmarks/README.md, "Sub-batches and cadences").
+DEFAULT_STATS_EVERY = 5
 
 
 def _check_mode(
@@ -91,10 +102,10 @@ def kfac(
     kind: str = "mc",
     samples: int | None = None,
     ema_decay: float = 0.95,
-    stats_every: int = 1,
+    stats_every: int = DEFAULT_STATS_EVERY,
     inverse_every: int = 10,
     stats_batch_size: int | None = None,
-    model_batch_size: int | None = None,
+    model_batch_size: int | bool | None = None,
     batch_axes: Any = None,
     unmatched: optax.GradientTransformation | None = None,
     seed: int = 0,
@@ -114,7 +125,8 @@ def kfac(
     * ``learning_rate=None``: ``quadratic_model_step(scale_by_kfac(...))``: step size and
       momentum from the quadratic model every step, and Levenberg-Marquardt damping starting from
       ``damping`` (``adaptive_damping`` defaults to True; ``damping_every`` to 5, ``min_damping``
-      to 1e-4). ``update`` then needs ``targets``.
+      to 1e-4), the model evaluated on at most 256 examples of each batch (``model_batch_size``).
+      ``update`` then needs ``targets``.
 
     An option that a mode does not use is an error in that mode, never silently ignored.
 
@@ -127,9 +139,11 @@ def kfac(
       norm_constraint: the bound ``c`` of the norm constraint (fixed learning rate only).
       adaptive_damping, damping_every, min_damping: the Levenberg-Marquardt rule (adaptive only).
       model_batch_size: the quadratic model and the reduction ratio on at most this many last
-        examples of each batch (adaptive only; default: the whole batch); ``stats_batch_size``
-        takes the first, so the model checks the step on examples the factors did not see.
-      block, centering, kind, samples, ema_decay, stats_every, inverse_every, stats_batch_size,
+        examples of each batch (adaptive only; default 256; ``False``: the whole batch);
+        ``stats_batch_size`` takes the first, so the model checks the step on other examples.
+      stats_every: steps between statistics (default 5, where :func:`kfax.scale_by_kfac`
+        takes every step): measured faster to a target loss at the same number of steps.
+      block, centering, kind, samples, ema_decay, inverse_every, stats_batch_size,
         batch_axes, unmatched, seed, axis_name, weight_sharing, max_factor_size,
         inverse_strategy, batch_layers: passed to :func:`kfax.scale_by_kfac`.
 
@@ -160,6 +174,10 @@ def kfac(
             f"model_batch_size={model_batch_size!r} sizes the quadratic model of the adaptive "
             "step, which needs learning_rate=None; leave it unset with a fixed learning rate."
         )
+    if model_batch_size is None:
+        model_batch_size = DEFAULT_MODEL_BATCH_SIZE
+    elif model_batch_size is False:
+        model_batch_size = None
     preconditioner = scale_by_kfac(
         apply_fn,
         loss,

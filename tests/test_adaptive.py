@@ -189,16 +189,21 @@ def test_a_model_sub_batch_cuts_only_the_batched_input_leaves(x64):
     np.testing.assert_allclose(state.info.predicted_change, g @ d + 0.5 * d @ gn @ d, rtol=1e-9)
 
 
-def test_a_gradient_of_another_scale_gives_the_same_steps_and_is_reported():
+@pytest.mark.parametrize("model_batch_size", [False, 8], ids=["whole-batch", "model-on-8"])
+def test_a_gradient_of_another_scale_gives_the_same_steps_and_is_reported(model_batch_size):
     """Fed the gradient of the *sum* over the batch (32x the mean's), the adaptive mode takes
     the steps of the mean's gradient (its quadratic model uses kfax's own loss), reports the
-    factor in StepInfo.gradient_scale, and warns (issue: it diverged, 1.5 -> 181)."""
+    factor in StepInfo.gradient_scale, and warns (issue: it diverged, 1.5 -> 181). With the model
+    on a sub-batch of 8 the scale is a sub-batch estimate: the warning is for scales outside
+    [1/2, 2], which the mean's gradient stays inside and the sum's (32x) does not."""
     params, apply_fn, inputs, _ = models.mlp(sizes=(4, 8, 3), batch=32)
     targets = jnp.arange(32) % 3
     loss = kfax.losses.SoftmaxCrossEntropy()
     runs = {}
     for factor in (1.0, 32.0):
-        opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs)
+        opt = kfax.kfac(
+            None, apply_fn, loss, example_inputs=inputs, model_batch_size=model_batch_size
+        )
         p, state = params, opt.init(params)
         step = jax.jit(
             lambda p, s, f=factor, o=opt: _scaled_step(o, loss, apply_fn, p, s, inputs, targets, f)
@@ -212,8 +217,12 @@ def test_a_gradient_of_another_scale_gives_the_same_steps_and_is_reported():
     (p1, s1, w1), (p32, s32, w32) = runs[1.0], runs[32.0]
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p32), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
-    np.testing.assert_allclose(s32.info.gradient_scale, 32.0, rtol=1e-3)
-    np.testing.assert_allclose(s1.info.gradient_scale, 1.0, rtol=1e-3)
+    if model_batch_size is False:
+        np.testing.assert_allclose(s32.info.gradient_scale, 32.0, rtol=1e-3)
+        np.testing.assert_allclose(s1.info.gradient_scale, 1.0, rtol=1e-3)
+    else:
+        np.testing.assert_allclose(s32.info.gradient_scale / s1.info.gradient_scale, 32.0, 1e-3)
+        assert 0.5 < float(s1.info.gradient_scale) < 2.0
     assert any("not the gradient of kfax's" in str(w.message) for w in w32)
     assert not any("not the gradient of kfax's" in str(w.message) for w in w1)
     assert float(loss(apply_fn(p32, inputs), targets)) < 0.5 * float(
@@ -226,6 +235,24 @@ def _scaled_step(opt, loss, apply_fn, params, state, inputs, targets, factor):
     grads = jax.tree.map(lambda g: factor * g, grads)
     updates, state = opt.update(grads, state, params, inputs=inputs, targets=targets)
     return optax.apply_updates(params, updates), state
+
+
+def test_kfac_adaptive_evaluates_its_model_on_at_most_256_examples_by_default():
+    """kfac(None) is kfac(None, model_batch_size=256): on a batch of 300 its steps are those of
+    the model on the last 256 examples, and model_batch_size=False is the whole batch's."""
+    params, apply_fn, inputs, targets = linear_problem(batch=300)
+    loss = kfax.losses.SquaredError()
+    results = {}
+    for size in (None, 256, False):
+        opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs, model_batch_size=size)
+        p, state = params, opt.init(params)
+        for _ in range(2):
+            grads = jax.grad(lambda q: loss(apply_fn(q, inputs), targets))(p)
+            updates, state = opt.update(grads, state, p, inputs=inputs, targets=targets)
+            p = optax.apply_updates(p, updates)
+        results[size] = state.info
+    chex.assert_trees_all_equal(results[None], results[256])
+    assert float(results[None].predicted_change) != float(results[False].predicted_change)
 
 
 def test_one_non_finite_batch_leaves_every_part_of_the_state_finite():
