@@ -19,8 +19,8 @@ divided by ``inverse_every``; state memory is measured.
 ``--scan`` writes the same stack as a ``lax.scan`` over stacked parameters, which kfax
 preconditions as one stacked block: compile time then stays flat in depth.
 
-Writes ``<out>/scaling[_scan][_quick]<tag>.json`` and, with matplotlib, a PNG: step time against width
-(log-log) and compile time against depth, per configuration.
+Writes ``<out>/scaling[_scan][_quick]<tag>.json`` and, with matplotlib, a PNG: step time
+against width (log-log) and compile time against depth, per configuration.
 """
 
 from __future__ import annotations
