@@ -13,7 +13,7 @@ Families:
   for the transformer, which matrices are orthogonalised), ``psgd`` (PSGD-Kron,
   ``psgdax.kron``), ``sophia`` (``optax.contrib.sophia`` with its Hutchinson estimator);
 * ``kfac`` (``kfax.kfac(lr, ...)`` defaults: factored blocks, exact centring, damping 1e-2,
-  norm constraint 1e-2, momentum 0.9, statistics every step, refreshes every 10),
+  norm constraint 1e-2, momentum 0.9, statistics every 5 steps, refreshes every 10),
   ``kfac_homogeneous`` (``centering="none"``), ``kfac_eigen`` (``block="eigen"``), ``ekfac``
   (``block="ekfac"``), ``kfac_adaptive`` (``kfax.kfac(None, ...)``: quadratic-model step and
   Levenberg-Marquardt damping);

@@ -67,10 +67,12 @@ from benchmarks.optimizers import (
 from benchmarks.run import RESULTS, git_commit, machine, versions
 from benchmarks.tasks import TASKS, Task, make_task
 
+# kfax's defaults, then the same with statistics every step (and, adaptive, the model on the
+# whole batch): the defaults before issue 10's cadence study.
 DEFAULT_CONFIGS = (
-    "adam,muon,psgd,kfac,kfac_adaptive,kfac+fused=True,kfac_adaptive+fused=True,"
-    "kfac+inverse_every=20,kfac+inverse_every=50,kfac+stats_every=2,kfac+stats_batch_size=125,"
-    "kfac+stats_batch_size=125+inverse_every=20,kfac_homogeneous,ekfac,kfac_jax,kfac_jax_fixed"
+    "adam,muon,psgd,kfac,kfac_adaptive,kfac+stats_every=1,"
+    "kfac_adaptive+stats_every=1+model_batch_size=False,kfac+fused=True,kfac_adaptive+fused=True,"
+    "kfac+inverse_every=20,kfac+stats_batch_size=125,kfac_homogeneous,ekfac,kfac_jax,kfac_jax_fixed"
 )
 WARMUP_STEPS = 10
 
