@@ -95,7 +95,7 @@ def test_reduction_ratio_is_one_on_an_exactly_quadratic_objective(
     assert float(state.damping) < 1e-3  # rho > 3/4 lowers the damping
 
 
-def test_a_model_sub_batch_solves_the_quadratic_model_of_the_first_examples(x64):
+def test_a_model_sub_batch_solves_the_quadratic_model_of_the_last_examples(x64):
     """With model_batch_size=n, Delta still comes from the whole batch, but alpha and mu solve
     the damped model of the loss on the last n examples: its residual g_n + (G_n + lam) d is
     orthogonal to Delta and d_prev, and the predicted change is that model's (linear model,
