@@ -16,7 +16,7 @@ import jax
 import optax
 
 from kfax import _validation
-from kfax.adaptive import quadratic_model_step
+from kfax.adaptive import AtMost, quadratic_model_step
 from kfax.blocks import BlockChoice
 from kfax.constraints import norm_constrained
 from kfax.losses import Loss
@@ -175,7 +175,7 @@ def kfac(
             "step, which needs learning_rate=None; leave it unset with a fixed learning rate."
         )
     if model_batch_size is None:
-        model_batch_size = DEFAULT_MODEL_BATCH_SIZE
+        model_batch_size = AtMost(DEFAULT_MODEL_BATCH_SIZE)
     elif model_batch_size is False:
         model_batch_size = None
     preconditioner = scale_by_kfac(

@@ -189,15 +189,17 @@ def test_a_model_sub_batch_cuts_only_the_batched_input_leaves(x64):
     np.testing.assert_allclose(state.info.predicted_change, g @ d + 0.5 * d @ gn @ d, rtol=1e-9)
 
 
-@pytest.mark.parametrize("model_batch_size", [False, 8], ids=["whole-batch", "model-on-8"])
-def test_a_gradient_of_another_scale_gives_the_same_steps_and_is_reported(model_batch_size):
+@pytest.mark.parametrize(
+    ("batch", "model_batch_size"), [(32, False), (64, 32)], ids=["whole-batch", "model-on-32"]
+)
+def test_a_gradient_of_another_scale_gives_the_same_steps_and_is_reported(batch, model_batch_size):
     """Fed the gradient of the *sum* over the batch (32x the mean's), the adaptive mode takes
     the steps of the mean's gradient (its quadratic model uses kfax's own loss), reports the
     factor in StepInfo.gradient_scale, and warns (issue: it diverged, 1.5 -> 181). With the model
-    on a sub-batch of 8 the scale is a sub-batch estimate: the warning is for the first step's
-    scale outside [1/2, 2], which the mean's gradient stays inside and the sum's (32x) does not."""
-    params, apply_fn, inputs, _ = models.mlp(sizes=(4, 8, 3), batch=32)
-    targets = jnp.arange(32) % 3
+    on 32 of 64 examples the scale is a sub-batch estimate: the warning is for the first step's
+    scale outside [1/2, 2], which the mean's gradient stays inside and the 32x one does not."""
+    params, apply_fn, inputs, _ = models.mlp(sizes=(4, 8, 3), batch=batch)
+    targets = jnp.arange(batch) % 3
     loss = kfax.losses.SoftmaxCrossEntropy()
     runs = {}
     for factor in (1.0, 32.0):
@@ -224,7 +226,7 @@ def test_a_gradient_of_another_scale_gives_the_same_steps_and_is_reported(model_
         np.testing.assert_allclose(s32.info.gradient_scale / s1.info.gradient_scale, 32.0, 1e-2)
     assert any("not the gradient of kfax's" in str(w.message) for w in w32)
     assert not any("not the gradient of kfax's" in str(w.message) for w in w1)
-    if model_batch_size is False:  # a model on 8 examples steers noisily: 1.17 -> 1.07 only
+    if model_batch_size is False:  # the issue's case: training is not derailed by the scale
         assert float(loss(apply_fn(p32, inputs), targets)) < 0.5 * float(
             loss(apply_fn(params, inputs), targets)
         )
@@ -253,6 +255,48 @@ def test_kfac_adaptive_evaluates_its_model_on_at_most_256_examples_by_default():
         results[size] = state.info
     chex.assert_trees_all_equal(results[None], results[256])
     assert float(results[None].predicted_change) != float(results[False].predicted_change)
+
+
+def test_the_default_model_sub_batch_keeps_the_whole_batch_check_on_small_batches():
+    """On a batch of 32 the default model (at most 256 examples) is the whole batch's, so a
+    gradient 1.5x kfax's warns as with model_batch_size=False."""
+    params, apply_fn, inputs, _ = models.mlp(sizes=(4, 8, 3), batch=32)
+    targets = jnp.arange(32) % 3
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs)
+    state = opt.init(params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _scaled_step(opt, loss, apply_fn, params, state, inputs, targets, 1.5)
+        jax.effects_barrier()
+    assert any("differs by a factor 1.5" in str(w.message) for w in caught)
+
+
+def _flattening_model(batch):
+    """Inputs (N, 40, 3), outputs (N * 40, 4): positions flattened into the outputs' rows."""
+    params, apply_fn, _, _ = models.mlp(sizes=(3, 4), batch=1)
+    inputs = jax.random.normal(jax.random.key(3), (batch, 40, 3))
+    flat = lambda p, x: apply_fn(p, x.reshape(-1, x.shape[-1]))  # noqa: E731
+    targets = jnp.arange(batch * 40) % 4
+    return params, flat, inputs, targets
+
+
+def test_kfac_default_model_takes_the_whole_batch_when_outputs_flatten_positions():
+    """Outputs of 320 rows from 8 examples: the last 256 rows are not a cut of the inputs, so
+    kfac(None)'s default model uses the whole batch (the steps of model_batch_size=False), and
+    an explicit model_batch_size=256 is an error naming it."""
+    params, flat, inputs, targets = _flattening_model(8)
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    results = []
+    for size in (None, False):
+        opt = kfax.kfac(None, flat, loss, example_inputs=inputs, model_batch_size=size)
+        state = opt.init(params)
+        grads = jax.grad(lambda p: loss(flat(p, inputs), targets))(params)
+        results.append(opt.update(grads, state, params, inputs=inputs, targets=targets))
+    chex.assert_trees_all_equal(results[0], results[1])
+    opt = kfax.kfac(None, flat, loss, example_inputs=inputs, model_batch_size=256)
+    with pytest.raises(ValueError, match="model_batch_size=256"):
+        opt.update(grads, opt.init(params), params, inputs=inputs, targets=targets)
 
 
 def test_one_non_finite_batch_leaves_every_part_of_the_state_finite():
