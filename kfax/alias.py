@@ -32,8 +32,8 @@ DEFAULT_DAMPING_EVERY = 5
 DEFAULT_MIN_DAMPING = 1e-4
 # The adaptive step's quadratic model and reduction ratio on at most this many examples. On the
 # MNIST autoencoder (batch 1000, 60-second races, seeds 0 and 1) a model on 256 examples followed
-# the whole batch's trajectory and reached Adam's 120-second loss in 29.6-30.4 s against
-# 36.3-36.6 s (benchmarks/README.md, "Sub-batches"); smaller batches are unaffected.
+# the whole batch's trajectory and reached Adam's 120-second loss in 29.3-30.4 s against
+# 36.3-36.6 s (benchmarks/README.md, "Sub-batches and cadences"); smaller batches are unaffected.
 DEFAULT_MODEL_BATCH_SIZE = 256
 # Statistics every 5 steps (scale_by_kfac's own default is every step). On the MNIST autoencoder
 # (batch 1000, refreshes every 10 steps, seeds 0 and 1) the adaptive mode reached Adam's
