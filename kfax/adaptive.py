@@ -15,43 +15,25 @@ undamped model (``lam = 0``; exactly the loss change on a quadratic objective), 
 Levenberg-Marquardt's rule. A step that is not finite is not stored: the previous update and the
 damping stay, and the step is counted.
 
-With ``model_batch_size=n`` the model (``grad_f L``, ``J``, ``H``) and the reduction ratio are those
-of the loss on the batch's last ``n`` examples, while the direction ``Delta`` still comes from the
-whole batch: the two Jacobian-vector products and the losses of ``rho`` then cost ``n / N`` of the
-batch's. The last examples, because the preconditioner's ``stats_batch_size`` takes the first: a
-model on the very examples that made the Kronecker factors is blind to the directions the factors
-estimate worst (those orthogonal to the sub-batch's activations, where ``Delta`` is largest). On
-the MNIST autoencoder (batch 1000, statistics on the first 250, damping 1e-2) a model on those same
-250 examples let the loss diverge within 7 steps.
+The model's terms, its solve and its sub-batch (``model_batch_size``) are in
+:mod:`kfax._quadratic_model`; the check of the gradient's scale in :mod:`kfax._gradient_scale`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from kfax import _sub_batches, _trees, _validation
+from kfax import _gradient_scale, _quadratic_model, _sub_batches, _trees, _validation
 from kfax.losses import Loss, check_loss
 
 # Levenberg-Marquardt: lower lam when rho > 3/4, raise it when rho < 1/4, by (19/20)^every.
 _LOWER_ABOVE, _RAISE_BELOW, _OMEGA = 0.75, 0.25, 19.0 / 20.0
-# Gradient scales further than this from 1 are reported once (see StepInfo.gradient_scale).
-_SCALE_TOLERANCE = 0.1
-# With the model on a sub-batch, its gradient term estimates the batch's: the scale is checked
-# on the first step only, where the gradient's signal dominates its sampling noise, and only
-# scales outside [1/2, 2] are reported (a sum instead of a mean is off by the batch size).
-# Later in training the estimate's noise alone moved it to -24.9 and 62 (8 of 32 examples).
-_SUB_BATCH_SCALE_BAND = 2.0
-# ... and only from this many examples: with 8 of 64 the correct gradient's first-step estimate
-# left the band on 6 of 20 seeds (up to 7.07); with 32, on none.
-_SUB_BATCH_MIN_TO_WARN = 32
 
 
 class StepInfo(NamedTuple):
@@ -91,12 +73,6 @@ class QuadraticModelState(NamedTuple):
     info: StepInfo
 
 
-class AtMost(int):
-    """A ``model_batch_size`` that is a default, not a demand (``kfax.kfac``'s 256): a batch the
-    cut cannot follow (outputs that flatten positions into rows) takes the whole batch instead
-    of raising."""
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Static:
     """The options of one :func:`quadratic_model_step` (hashed by identity: one compilation)."""
@@ -109,61 +85,6 @@ class _Static:
     model_batch_size: int | None
     batch_axes: Any
     model_batch_strict: bool = True
-
-
-def _pmean(x, axis_name):
-    return x if axis_name is None else jax.lax.pmean(x, axis_name)
-
-
-def _quadratic_terms(apply_fn, loss, params, inputs, targets, where, tangents, lam, axis_name):
-    """Gradient terms ``b``, the 2x2 curvature ``<J t_i, H J t_j>``, the Gram matrix
-    ``<t_i, t_j>`` of the tangents, and the loss at ``params``."""
-    outputs, jvps = jax.vmap(
-        lambda t: jax.jvp(lambda p: apply_fn(p, inputs), (params,), (t,)), out_axes=(None, 0)
-    )(tangents)
-    dtype = jnp.promote_types(outputs.dtype, lam.dtype)
-    outputs, jvps = outputs.astype(dtype), jvps.astype(dtype)
-    weights = loss.position_weights(outputs, targets, where)
-    n = outputs.shape[0]
-    gradient = loss.output_gradient(outputs, targets, where) / n
-    curvature = jax.vmap(lambda v: loss.curvature_product(outputs, v, weights) / n)(jvps)
-    b = jnp.einsum("k...,...->k", jvps, gradient)
-    m = jnp.einsum("i...,j...->ij", jvps, curvature)
-    norms = jax.vmap(lambda s: jax.vmap(lambda t: _trees.vdot(s, t))(tangents))(tangents)
-    b, m, value = _pmean((b, m, loss(outputs, targets, where)), axis_name)
-    return b, m, norms, value
-
-
-def _solve(b: jax.Array, m: jax.Array, has_previous: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(alpha, mu)`` minimising ``b . x + 1/2 x^T M x``; ``mu = 0`` without a previous update
-    or when the 2x2 system is singular to working precision: ``det / (M00 M11)`` is
-    ``1 - cos^2`` of the angle between the new direction and the previous update in the
-    metric ``M``, and below ``100 eps`` (float32: 1.2e-5) it is rounding, whose solution
-    would be an arbitrary split between ``alpha`` and ``mu``."""
-    det = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
-    tolerance = 100 * jnp.finfo(m.dtype).eps
-    use_two = has_previous & (det > tolerance * jnp.abs(m[0, 0] * m[1, 1]))
-    safe_det = jnp.where(use_two, det, 1.0)
-    alpha_two = (-b[0] * m[1, 1] + b[1] * m[0, 1]) / safe_det
-    mu_two = (b[0] * m[0, 1] - b[1] * m[0, 0]) / safe_det
-    alpha_one = -b[0] / jnp.where(m[0, 0] > 0, m[0, 0], 1.0)
-    return jnp.where(use_two, alpha_two, alpha_one), jnp.where(use_two, mu_two, 0.0)
-
-
-def _warn_gradient_scale(scale, warn) -> None:
-    # `warn` is checked here too: under jax.vmap the lax.cond around this callback becomes a
-    # select, which runs the callback whatever the condition.
-    if not np.any(np.asarray(warn)):
-        return
-    scale = np.asarray(scale)[np.asarray(warn)].ravel()[0] if np.ndim(scale) else scale
-    warnings.warn(
-        "kfax.quadratic_model_step: the gradient passed to update is not the gradient of kfax's "
-        "mean loss on inputs (its directional derivative differs by a factor "
-        f"{float(scale):.3g}). The adaptive step uses kfax's own loss, so training is unaffected "
-        "if that factor is only a scale (a sum over the batch, a per-token mean) or a "
-        "regulariser you add; otherwise check that loss, targets and where match your loss.",
-        stacklevel=2,
-    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -187,34 +108,27 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
     )
     delta = jax.tree.map(jnp.negative, direction)
     previous = state.previous_update
-    cut = _model_sub_batch(apply_fn, params, inputs, targets, where, static)
+    cut = _quadratic_model.model_sub_batch(apply_fn, params, inputs, targets, where, static)
     whole_batch = cut is None
     if not whole_batch:
         inputs, targets, where = cut
     tangents = jax.tree.map(lambda a, b: jnp.stack([a, b.astype(a.dtype)]), delta, previous)
-    b, m, norms, before = _quadratic_terms(
+    b, m, norms, before = _quadratic_model.quadratic_terms(
         apply_fn, loss, params, inputs, targets, where, tangents, lam, axis_name
     )
-    alpha, mu = _solve(b, m + lam * norms, state.count > 0)
+    alpha, mu = _quadratic_model.solve(b, m + lam * norms, state.count > 0)
     step = jax.tree.map(lambda d, p: (alpha * d + mu * p).astype(d.dtype), delta, previous)
     x = jnp.stack([alpha, mu])
     predicted = b @ x + 0.5 * x @ m @ x  # the undamped model: rho compares the loss with it
     along = _trees.vdot(grads, delta)
-    scale = along / jnp.where(b[0] != 0, b[0], 1.0)
-    # A zero gradient (optax.MultiSteps between its applying steps) says nothing of the scale.
-    if whole_batch:
-        off = jnp.abs(scale - 1) > _SCALE_TOLERANCE
-    elif static.model_batch_size >= _SUB_BATCH_MIN_TO_WARN:
-        band = (scale < 1 / _SUB_BATCH_SCALE_BAND) | (scale > _SUB_BATCH_SCALE_BAND)
-        off = (state.count == 0) & band
-    else:
-        off = jnp.asarray(False)
-    warn = (along != 0) & off
-    jax.lax.cond(warn, lambda: jax.debug.callback(_warn_gradient_scale, scale, warn), lambda: None)
+    model_batch = None if whole_batch else static.model_batch_size
+    scale = _gradient_scale.check(along, b[0], state.count, model_batch)
 
     def ratio():
         new = optax.apply_updates(params, step)
-        after = _pmean(loss(apply_fn(new, inputs).astype(before.dtype), targets, where), axis_name)
+        after = _quadratic_model.pmean(
+            loss(apply_fn(new, inputs).astype(before.dtype), targets, where), axis_name
+        )
         return (after - before) / jnp.minimum(predicted, -jnp.finfo(before.dtype).tiny)
 
     measure = adaptive_damping & (state.count % damping_every == 0)
@@ -237,33 +151,6 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
     stored = jax.tree.map(lambda s, p: jnp.where(ok, s, p), step, previous)
     return step, QuadraticModelState(
         state.count + 1, inner, stored, new_lam.astype(lam.dtype), info
-    )
-
-
-def _model_sub_batch(apply_fn, params, inputs, targets, where, static):
-    """``(inputs, targets, where)`` cut to their last ``model_batch_size`` examples, or ``None``
-    for the whole batch: no option, a batch no larger, or (``kfac``'s default only) a batch the
-    cut cannot follow. The batch size is the outputs' leading axis; a cut is valid when the cut
-    inputs' outputs have one row per cut target (a model that flattens positions into rows,
-    outputs ``(N R, C)`` for inputs ``(N, R, ...)``, has no such cut)."""
-    size = static.model_batch_size
-    if size is None:
-        return None
-    batch = jax.eval_shape(apply_fn, params, inputs).shape[0]
-    if size >= batch:
-        return None
-    take = functools.partial(_sub_batches.take_sub_batch, last=True)
-    cut_inputs = take(inputs, size, batch, static.batch_axes)
-    rows = jax.eval_shape(apply_fn, params, cut_inputs).shape[0]
-    if rows == size:
-        return cut_inputs, take(targets, size, batch), take(where, size, batch)
-    if not static.model_batch_strict:
-        return None
-    raise ValueError(
-        f"model_batch_size={size}: the model's outputs have {batch} rows, but its last {size} "
-        f"examples cannot be cut from the inputs (the cut inputs give {rows} rows; a model that "
-        "flattens positions into rows has no such cut). Pass batch_axes to say which input "
-        "leaves are batched, or leave model_batch_size unset."
     )
 
 
@@ -324,7 +211,7 @@ def quadratic_model_step(
     _validation.count("damping_every", damping_every)
     _validation.positive("min_damping", min_damping)
     _validation.positive("max_damping", max_damping)
-    strict = not isinstance(model_batch_size, AtMost)
+    strict = not isinstance(model_batch_size, _quadratic_model.AtMost)
     model_batch_size = _validation.static_count("model_batch_size", model_batch_size)
     _sub_batches.check_batch_axes_entries(batch_axes)
     preconditioner = optax.with_extra_args_support(preconditioner)

@@ -16,7 +16,8 @@ import jax
 import optax
 
 from kfax import _validation
-from kfax.adaptive import AtMost, quadratic_model_step
+from kfax._quadratic_model import AtMost
+from kfax.adaptive import quadratic_model_step
 from kfax.blocks import BlockChoice
 from kfax.constraints import norm_constrained
 from kfax.losses import Loss
@@ -44,7 +45,13 @@ DEFAULT_STATS_EVERY = 5
 
 
 def _check_mode(
-    adaptive: bool, momentum, norm_constraint, adaptive_damping, extra, damping=None
+    adaptive: bool,
+    momentum,
+    norm_constraint,
+    adaptive_damping,
+    extra,
+    damping=None,
+    model_batch_size=None,
 ) -> None:
     """Options that only one mode uses are errors in the other, naming both options."""
     if adaptive_damping is not None and not isinstance(adaptive_damping, bool):
@@ -71,6 +78,11 @@ def _check_mode(
                         "unset."
                     )
         return
+    if model_batch_size is not None:
+        raise ValueError(
+            f"model_batch_size={model_batch_size!r} sizes the quadratic model of the adaptive "
+            "step, which needs learning_rate=None; leave it unset with a fixed learning rate."
+        )
     if adaptive_damping:
         raise ValueError(
             "adaptive_damping=True needs the adaptive step (learning_rate=None): with a fixed "
@@ -168,16 +180,9 @@ def kfac(
     """
     adaptive = learning_rate is None
     extra = {"damping_every": damping_every, "min_damping": min_damping}
-    _check_mode(adaptive, momentum, norm_constraint, adaptive_damping, extra, damping)
-    if not adaptive and model_batch_size is not None:
-        raise ValueError(
-            f"model_batch_size={model_batch_size!r} sizes the quadratic model of the adaptive "
-            "step, which needs learning_rate=None; leave it unset with a fixed learning rate."
-        )
-    if model_batch_size is None:
-        model_batch_size = AtMost(DEFAULT_MODEL_BATCH_SIZE)
-    elif model_batch_size is False:
-        model_batch_size = None
+    _check_mode(
+        adaptive, momentum, norm_constraint, adaptive_damping, extra, damping, model_batch_size
+    )
     preconditioner = scale_by_kfac(
         apply_fn,
         loss,
@@ -201,19 +206,34 @@ def kfac(
         batch_layers=batch_layers,
     )
     if adaptive:
-        return quadratic_model_step(
-            preconditioner,
-            apply_fn,
-            loss,
-            damping=damping,
-            adaptive_damping=adaptive_damping is not False,
-            damping_every=DEFAULT_DAMPING_EVERY if damping_every is None else damping_every,
-            min_damping=DEFAULT_MIN_DAMPING if min_damping is None else min_damping,
-            axis_name=axis_name,
-            model_batch_size=model_batch_size,
-            batch_axes=batch_axes,
+        rule = (damping, adaptive_damping, damping_every, min_damping)
+        return _with_quadratic_model(
+            preconditioner, apply_fn, loss, rule, model_batch_size, axis_name, batch_axes
         )
     return _with_learning_rate(preconditioner, learning_rate, momentum, norm_constraint)
+
+
+def _with_quadratic_model(
+    preconditioner, apply_fn, loss, rule, model_batch_size, axis_name, batch_axes
+):
+    """The adaptive mode: the quadratic-model step with kfac's defaults filled in."""
+    damping, adaptive_damping, damping_every, min_damping = rule
+    if model_batch_size is None:
+        model_batch_size = AtMost(DEFAULT_MODEL_BATCH_SIZE)
+    elif model_batch_size is False:
+        model_batch_size = None
+    return quadratic_model_step(
+        preconditioner,
+        apply_fn,
+        loss,
+        damping=damping,
+        adaptive_damping=adaptive_damping is not False,
+        damping_every=DEFAULT_DAMPING_EVERY if damping_every is None else damping_every,
+        min_damping=DEFAULT_MIN_DAMPING if min_damping is None else min_damping,
+        axis_name=axis_name,
+        model_batch_size=model_batch_size,
+        batch_axes=batch_axes,
+    )
 
 
 def _with_learning_rate(preconditioner, learning_rate, momentum, norm_constraint):

@@ -95,6 +95,17 @@ def test_reduction_ratio_is_one_on_an_exactly_quadratic_objective(
     assert float(state.damping) < 1e-3  # rho > 3/4 lowers the damping
 
 
+def _train(apply_fn, loss, params, inputs, targets, steps, **options):
+    """``(params, state)`` after ``steps`` steps of ``kfax.kfac(None, **options)`` on one batch."""
+    opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs, **options)
+    p, state = params, opt.init(params)
+    for _ in range(steps):
+        grads = jax.grad(lambda q: loss(apply_fn(q, inputs), targets))(p)
+        updates, state = opt.update(grads, state, p, inputs=inputs, targets=targets)
+        p = optax.apply_updates(p, updates)
+    return p, state
+
+
 def test_a_model_sub_batch_solves_the_quadratic_model_of_the_last_examples(x64):
     """With model_batch_size=n, Delta still comes from the whole batch, but alpha and mu solve
     the damped model of the loss on the last n examples: its residual g_n + (G_n + lam) d is
@@ -149,15 +160,10 @@ def test_a_model_sub_batch_as_large_as_the_batch_is_the_whole_batch(model_batch_
     """model_batch_size >= the batch: the same steps and state as the default, bit for bit."""
     params, apply_fn, inputs, targets = linear_problem()
     loss = kfax.losses.SquaredError()
-    runs = []
-    for size in (None, model_batch_size):
-        opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs, model_batch_size=size)
-        p, state = params, opt.init(params)
-        for _ in range(3):
-            grads = jax.grad(lambda q: loss(apply_fn(q, inputs), targets))(p)
-            updates, state = opt.update(grads, state, p, inputs=inputs, targets=targets)
-            p = optax.apply_updates(p, updates)
-        runs.append((p, state))
+    runs = [
+        _train(apply_fn, loss, params, inputs, targets, 3, model_batch_size=size)
+        for size in (None, model_batch_size)
+    ]
     chex.assert_trees_all_equal(runs[0], runs[1])
 
 
@@ -244,15 +250,10 @@ def test_kfac_adaptive_evaluates_its_model_on_at_most_256_examples_by_default():
     the model on the last 256 examples, and model_batch_size=False is the whole batch's."""
     params, apply_fn, inputs, targets = linear_problem(batch=300)
     loss = kfax.losses.SquaredError()
-    results = {}
-    for size in (None, 256, False):
-        opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs, model_batch_size=size)
-        p, state = params, opt.init(params)
-        for _ in range(2):
-            grads = jax.grad(lambda q: loss(apply_fn(q, inputs), targets))(p)
-            updates, state = opt.update(grads, state, p, inputs=inputs, targets=targets)
-            p = optax.apply_updates(p, updates)
-        results[size] = state.info
+    results = {
+        size: _train(apply_fn, loss, params, inputs, targets, 2, model_batch_size=size)[1].info
+        for size in (None, 256, False)
+    }
     chex.assert_trees_all_equal(results[None], results[256])
     assert float(results[None].predicted_change) != float(results[False].predicted_change)
 
