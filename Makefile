@@ -30,8 +30,10 @@ demo: venv
 	$(VENV)/bin/python -m examples.demo
 
 # The main suite, then the multi-device tests in a process of their own (8 simulated devices).
+# Whole files go to the two workers in tests/conftest.py's order, longest first: xdist's default
+# reorder (by number of tests) left the notebooks' file, about four minutes, to run alone last.
 test: venv
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q $(PYTEST_ARGS)
 	$(VENV)/bin/python -m pytest tests/multidevice -n 2 --dist load -q $(PYTEST_ARGS)
 
 # Only the research notebooks (tests/test_notebooks.py, also part of `make test`): each runs in a
