@@ -220,7 +220,7 @@ def _with_quadratic_model(
     damping, adaptive_damping, damping_every, min_damping = rule
     if model_batch_size is None:
         model_batch_size = AtMost(DEFAULT_MODEL_BATCH_SIZE)
-    elif model_batch_size is False:
+    elif _validation.concrete(model_batch_size) is False:  # also NumPy's and a 0-d array's
         model_batch_size = None
     return quadratic_model_step(
         preconditioner,

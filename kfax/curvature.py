@@ -2,8 +2,8 @@
 
 The public entry point is :func:`kronecker_factors`, a function transformation in the style of
 ``jax.grad``. It runs the same statistics pass (:mod:`kfax.statistics`) and builds the same input
-factor (:func:`kfax.blocks.kronecker.input_factor`) as the optimiser, with the same defaults.
-Knows nothing of optimiser state.
+factor (:func:`kfax.blocks.kronecker_statistics.input_factor`) as the optimiser, with the same
+defaults. Knows nothing of optimiser state.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 import jax
 
 from kfax import _capture, _validation, statistics
-from kfax.blocks.kronecker import CENTERINGS, WEIGHT_SHARINGS, batch_moments, input_factor
+from kfax.blocks.kronecker import CENTERINGS
+from kfax.blocks.kronecker_statistics import WEIGHT_SHARINGS, batch_moments, input_factor
 from kfax.losses import Loss, check_loss
 
 

@@ -1,11 +1,11 @@
-"""The one statistics pass: a batch's layer inputs, output cotangents, and their moments.
+"""The one statistics pass: a batch's layer inputs, output cotangents, and the rows that count.
 
 Turns ``(apply_fn, params, inputs)``, a loss and a curvature kind into, per layer, what every
 consumer of curvature statistics needs: the layer input, the cotangents of the layer output
 pulled back from the output cotangents the kind prescribes, which rows count (masked positions
-do not), and the Kronecker moments ``E[h]``, ``Cov(h)`` and ``E[g g^T]``.
-:func:`kfax.kronecker_factors`, the optimiser's curvature blocks, EKFAC's scalings and the
-benchmarks all call this module; it knows nothing of optimiser state.
+do not); :mod:`kfax._moments` turns them into the Kronecker moments ``E[h]``, ``Cov(h)`` and
+``E[g g^T]``. :func:`kfax.kronecker_factors`, the optimiser's curvature blocks, EKFAC's scalings
+and the benchmarks all call this module; it knows nothing of optimiser state.
 
 Conventions (``docs/math.md``): with ``N`` examples, ``kappa`` the loss's position weights and
 ``K-FAC-expand`` over shared positions,
@@ -22,17 +22,17 @@ import dataclasses
 import functools
 import math
 import numbers
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from kfax import _capture, _layers, _tracing, _validation, distributed
+from kfax import _capture, _tracing, _validation, distributed
+from kfax._moments import statistics_dtype
 from kfax.losses import Loss
 
 KINDS = ("mc", "exact", "empirical")
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @functools.partial(
@@ -55,7 +55,8 @@ class LayerCapture:
       batch: ``N``, the number of examples (on this device).
       axis_name: the device axis (``pmap``, ``shard_map``) over which statistics are averaged;
         ``None`` on one device or under sharded ``jit``. Blocks pool their batch statistics with
-        :func:`pool_mean` (or, for means and covariances, :func:`input_moments`).
+        :func:`kfax._moments.pool_mean` (or, for means and covariances,
+        :func:`kfax._moments.input_moments`).
     """
 
     inputs: jax.Array
@@ -278,94 +279,3 @@ def pass_from_capture(
         for site in tapped.layers
     }
     return Pass(tapped.outputs, layers, tapped.layers, kind, samples)
-
-
-# ------------------------------------------------------------------------------ moments
-
-
-class InputMoments(NamedTuple):
-    """``E[h]``, ``Cov(h)`` over the rows that count, and how many rows counted."""
-
-    mean: jax.Array
-    covariance: jax.Array
-    count: jax.Array
-
-
-def statistics_dtype(dtype: Any) -> Any:
-    """Statistics accumulate in float32 or wider, whatever the activation dtype."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def input_moments(geometry: _layers.Geometry, capture: LayerCapture) -> InputMoments:
-    """Mean and covariance of the rows of ``h`` that count, centred in two passes.
-
-    Centring about the batch's own mean before the product keeps the covariance accurate in
-    float32 when the mean dwarfs the spread (inputs of mean 30 and spread 0.03).
-    """
-    rows = geometry.input_rows(capture.inputs)
-    rows = rows.astype(statistics_dtype(rows.dtype))
-    weights = capture.row_weights
-    if weights is None:
-        count = jnp.asarray(rows.shape[0], rows.dtype)
-        mean = jnp.mean(rows, axis=0)
-        centred = rows - mean
-        weighted = centred
-    else:
-        weights = weights.astype(rows.dtype)
-        count = jnp.sum(weights)
-        safe = jnp.maximum(count, 1e-30)
-        mean = jnp.matmul(weights, rows, precision=HIGHEST) / safe
-        centred = rows - mean
-        weighted = centred * weights[:, None]
-    covariance = jnp.matmul(weighted.T, centred, precision=HIGHEST) / jnp.maximum(count, 1e-30)
-    if capture.axis_name is None:
-        return InputMoments(mean, covariance, count)
-    return _pool_moments(InputMoments(mean, covariance, count), capture.axis_name)
-
-
-def _pool_moments(local: InputMoments, axis_name: Any) -> InputMoments:
-    """The moments of the union of every device's rows, exactly.
-
-    ``C = sum_d c_d (C_d + (m_d - m)(m_d - m)^T) / sum_d c_d``: the devices' (small) means and
-    counts are gathered, the covariances summed. Centring about each device's own mean keeps
-    float32 accurate; the spread of the device means restores what per-device centring left
-    out, so the result is the covariance of the whole batch, not the mean of per-device ones.
-    """
-    counts = jax.lax.all_gather(local.count, axis_name)
-    means = jax.lax.all_gather(local.mean, axis_name).reshape(-1, local.mean.shape[-1])
-    counts = counts.reshape(-1)
-    total = jnp.maximum(jnp.sum(counts), 1e-30)
-    mean = jnp.matmul(counts, means, precision=HIGHEST) / total
-    spread = (means - mean) * jnp.sqrt(counts)[:, None]
-    between = jnp.matmul(spread.T, spread, precision=HIGHEST)
-    within = jax.lax.psum(local.count * local.covariance, axis_name)
-    return InputMoments(mean, (within + between) / total, jnp.sum(counts))
-
-
-def pool_mean(x: Any, capture: LayerCapture) -> Any:
-    """``x`` averaged over the devices of ``capture.axis_name`` (unchanged without one): for
-    batch statistics that are means over equally many examples on every device."""
-    if capture.axis_name is None:
-        return x
-    return jax.lax.pmean(x, capture.axis_name)
-
-
-def output_moment(geometry: _layers.Geometry, capture: LayerCapture) -> jax.Array:
-    """``scale * sum over columns and rows of g g^T`` (K-FAC-expand)."""
-    rows = jax.vmap(geometry.output_rows)(capture.cotangents).reshape(-1, geometry.d_out)
-    rows = rows.astype(statistics_dtype(rows.dtype))
-    moment = jnp.matmul(rows.T, rows, precision=HIGHEST) * capture.scale.astype(rows.dtype)
-    return pool_mean(moment, capture)
-
-
-def layer_moments(
-    layers: tuple[_tracing.LayerSite, ...], captures: Mapping[str, LayerCapture]
-) -> dict[str, tuple[InputMoments, jax.Array]]:
-    """``{name: (input moments, output moment)}`` for every layer of a pass."""
-    return {
-        site.name: (
-            input_moments(site.geometry, captures[site.name]),
-            output_moment(site.geometry, captures[site.name]),
-        )
-        for site in layers
-    }

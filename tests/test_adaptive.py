@@ -247,15 +247,20 @@ def _scaled_step(opt, loss, apply_fn, params, state, inputs, targets, factor):
 
 def test_kfac_adaptive_evaluates_its_model_on_at_most_256_examples_by_default():
     """kfac(None) is kfac(None, model_batch_size=256): on a batch of 300 its steps are those of
-    the model on the last 256 examples, and model_batch_size=False is the whole batch's."""
+    the model on the last 256 examples, and model_batch_size=False (a NumPy or 0-d JAX False
+    too) is the whole batch's."""
     params, apply_fn, inputs, targets = linear_problem(batch=300)
     loss = kfax.losses.SquaredError()
+    sizes = {"default": None, "256": 256, "False": False}
+    sizes |= {"np.False_": np.False_, "jnp False": jnp.asarray(False)}
     results = {
-        size: _train(apply_fn, loss, params, inputs, targets, 2, model_batch_size=size)[1].info
-        for size in (None, 256, False)
+        name: _train(apply_fn, loss, params, inputs, targets, 2, model_batch_size=size)[1].info
+        for name, size in sizes.items()
     }
-    chex.assert_trees_all_equal(results[None], results[256])
-    assert float(results[None].predicted_change) != float(results[False].predicted_change)
+    chex.assert_trees_all_equal(results["default"], results["256"])
+    assert float(results["default"].predicted_change) != float(results["False"].predicted_change)
+    chex.assert_trees_all_equal(results["np.False_"], results["False"])
+    chex.assert_trees_all_equal(results["jnp False"], results["False"])
 
 
 def test_the_default_model_sub_batch_keeps_the_whole_batch_check_on_small_batches():

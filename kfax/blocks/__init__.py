@@ -30,12 +30,8 @@ from kfax.blocks.eigen import EigenBasis, EigenBlock
 from kfax.blocks.ekfac import EKFACBasis, EKFACBlock
 from kfax.blocks.embedding import EmbeddingBlock
 from kfax.blocks.factored import FactoredBlock, FactoredInverse
-from kfax.blocks.kronecker import (
-    CENTERINGS,
-    WEIGHT_SHARINGS,
-    KroneckerCurvature,
-    KroneckerStatistics,
-)
+from kfax.blocks.kronecker import CENTERINGS, KroneckerCurvature
+from kfax.blocks.kronecker_statistics import WEIGHT_SHARINGS, KroneckerStatistics
 from kfax.blocks.one_sided import OneSidedBlock
 from kfax.blocks.scale_shift import ScaleShiftBlock
 from kfax.blocks.stacked import StackedBlock

@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from kfax import _tracing
+from kfax._moments import HIGHEST, pool_mean, statistics_dtype
 from kfax.blocks.base import LayerGradient
 from kfax.blocks.ekfac import per_example_squares
-from kfax.blocks.kronecker import moving_average_step
+from kfax.blocks.kronecker_statistics import moving_average_step
 from kfax.blocks.scale_shift import per_feature_blocks
-from kfax.statistics import HIGHEST, LayerCapture, pool_mean, statistics_dtype
+from kfax.statistics import LayerCapture
 
 
 class DiagonalStatistics(NamedTuple):

@@ -14,8 +14,8 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kfax._moments import HIGHEST
 from kfax.blocks.kronecker import KroneckerBlock
-from kfax.statistics import HIGHEST
 
 
 class EigenBasis(NamedTuple):

@@ -19,9 +19,11 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kfax._moments import HIGHEST, pool_mean, statistics_dtype
 from kfax.blocks.eigen import EigenBlock, eigh
-from kfax.blocks.kronecker import KroneckerCurvature, moving_average_step
-from kfax.statistics import HIGHEST, LayerCapture, pool_mean, statistics_dtype
+from kfax.blocks.kronecker import KroneckerCurvature
+from kfax.blocks.kronecker_statistics import moving_average_step
+from kfax.statistics import LayerCapture
 
 
 class EKFACBasis(NamedTuple):

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from kfax import _tracing
+from kfax._moments import HIGHEST, output_moment, pool_mean
 from kfax.blocks.base import LayerGradient
 from kfax.blocks.eigen import eigh
-from kfax.blocks.kronecker import moving_average_step
-from kfax.statistics import HIGHEST, LayerCapture, output_moment, pool_mean
+from kfax.blocks.kronecker_statistics import moving_average_step
+from kfax.statistics import LayerCapture
 
 
 class EmbeddingStatistics(NamedTuple):

@@ -19,14 +19,11 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kfax._moments import HIGHEST, pool_mean, statistics_dtype
 from kfax.blocks.eigen import eigh
-from kfax.blocks.kronecker import (
-    KroneckerBlock,
-    KroneckerCurvature,
-    KroneckerStatistics,
-    moving_average_step,
-)
-from kfax.statistics import HIGHEST, LayerCapture, pool_mean, statistics_dtype
+from kfax.blocks.kronecker import KroneckerBlock, KroneckerCurvature
+from kfax.blocks.kronecker_statistics import KroneckerStatistics, moving_average_step
+from kfax.statistics import LayerCapture
 
 
 class OneSidedBasis(NamedTuple):
@@ -115,7 +112,7 @@ class OneSidedBlock(KroneckerBlock):
         if self.diagonal_input:
             mean, covariance, count = diagonal_input_moments(capture, geometry)
         else:
-            from kfax.statistics import input_moments  # noqa: PLC0415
+            from kfax._moments import input_moments  # noqa: PLC0415
 
             mean, covariance, count = input_moments(geometry, capture)
         g = jax.vmap(geometry.output_rows)(capture.cotangents).reshape(-1, geometry.d_out)

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from kfax import _tracing
+from kfax._moments import HIGHEST, pool_mean
 from kfax.blocks.base import LayerGradient
-from kfax.blocks.kronecker import moving_average_step
-from kfax.statistics import HIGHEST, LayerCapture, pool_mean
+from kfax.blocks.kronecker_statistics import moving_average_step
+from kfax.statistics import LayerCapture
 
 
 class ScaleShiftStatistics(NamedTuple):

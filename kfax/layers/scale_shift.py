@@ -18,11 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def statistics_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
+from kfax._moments import statistics_dtype
 
 
 @dataclasses.dataclass(frozen=True)
