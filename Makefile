@@ -74,7 +74,7 @@ BENCH_PYTHON ?= $(VENV_BENCH)/bin/python
 BENCH_DEPS := $(if $(filter $(VENV_BENCH)/bin/python,$(BENCH_PYTHON)),$(VENV_BENCH)/.installed,venv)
 BENCH_ENV := OPENBLAS_NUM_THREADS=1
 BENCH_TAG ?=
-AUTOENCODER_OPTIMIZERS := adam,muon,psgd,kfac,kfac_adaptive,kfac_adaptive+stats_every=1+model_batch_size=False,kfac_jax,kfac_jax+damping=1.0+num_burnin_steps=0,kfac_jax_fixed
+AUTOENCODER_OPTIMIZERS := adam,muon,psgd,kfac,kfac_adaptive,kfac_adaptive+stats_every=1+model_batch_size=False+inverse_every=10,kfac_jax,kfac_jax+damping=1.0+num_burnin_steps=0,kfac_jax_fixed
 TRANSFORMER_OPTIMIZERS := adam,muon,psgd,kfac,kfac_adaptive,kfac_adaptive+damping=1.0,kfac_jax
 
 bench-quick: venv
@@ -87,7 +87,7 @@ bench-autoencoder: $(BENCH_DEPS)
 
 bench-step-cost: $(BENCH_DEPS)
 	$(BENCH_ENV) $(BENCH_PYTHON) -m benchmarks.step_cost --task autoencoder --steps 40 --repeats 3 --tag "$(BENCH_TAG)"
-	$(BENCH_ENV) $(BENCH_PYTHON) -m benchmarks.step_cost --task transformer --configs adam,muon,psgd,kfac,kfac_adaptive,kfac+stats_every=1,kfac_adaptive+stats_every=1,kfac_jax --steps 40 --repeats 3 --tag "$(BENCH_TAG)"
+	$(BENCH_ENV) $(BENCH_PYTHON) -m benchmarks.step_cost --task transformer --configs adam,muon,psgd,kfac,kfac_adaptive,kfac+stats_every=1,kfac_adaptive+stats_every=1+inverse_every=10,kfac_jax --steps 40 --repeats 3 --tag "$(BENCH_TAG)"
 
 bench-transformer: $(BENCH_DEPS)
 	$(BENCH_ENV) $(BENCH_PYTHON) -m benchmarks.run --task transformer --budget-seconds 90 --optimizers "$(TRANSFORMER_OPTIMIZERS)" --tag "$(BENCH_TAG)"

@@ -34,6 +34,7 @@ Writes ``<out>/step_cost_<task>_b<batch>.json`` and prints tables.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -71,7 +72,7 @@ from benchmarks.tasks import TASKS, Task, make_task
 # whole batch): the defaults before issue 10's cadence study.
 DEFAULT_CONFIGS = (
     "adam,muon,psgd,kfac,kfac_adaptive,kfac+stats_every=1,"
-    "kfac_adaptive+stats_every=1+model_batch_size=False,kfac+fused=True,kfac_adaptive+fused=True,"
+    "kfac_adaptive+stats_every=1+model_batch_size=False+inverse_every=10,kfac+fused=True,kfac_adaptive+fused=True,"
     "kfac+inverse_every=20,kfac+stats_batch_size=125,kfac_homogeneous,ekfac,kfac_jax,kfac_jax_fixed"
 )
 WARMUP_STEPS = 10
@@ -114,10 +115,25 @@ def periods(spec: Spec) -> dict[str, int]:
         return {"hessian": options.get("update_interval", 10)}
     if spec.family not in KFAX_FAMILIES:
         return {}
-    found = {"stats": options.get("stats_every", 1), "inverse": options.get("inverse_every", 10)}
-    if spec.family == "kfac_adaptive":
-        found["damping"] = options.get("damping_every", 5)
+    adaptive = spec.family == "kfac_adaptive"
+    found = {
+        "stats": options.get("stats_every", kfac_default("stats_every", adaptive)),
+        "inverse": options.get("inverse_every", kfac_default("inverse_every", adaptive)),
+    }
+    if adaptive:
+        found["damping"] = options.get("damping_every", kfac_default("damping_every", adaptive))
     return found
+
+
+def kfac_default(name: str, adaptive: bool) -> int:
+    """``kfax.kfac``'s default of a cadence option in a mode (the ones left ``None`` in its
+    signature are filled in by ``kfax.alias``)."""
+    default = inspect.signature(kfax.kfac).parameters[name].default
+    if default is not None:
+        return default
+    if name == "inverse_every":
+        return kfax.alias.DEFAULT_INVERSE_EVERY["adaptive" if adaptive else "learning_rate"]
+    return kfax.alias.DEFAULT_DAMPING_EVERY
 
 
 def amortised(times: dict[tuple, list[float]], cycle: dict[str, int]) -> float:
@@ -365,6 +381,10 @@ def step_pieces(
         step = train_step(spec, task, transform)
         pieces[f"{name}_step_plain"] = (step, (params, with_count(state, 1), x, y))
         pieces[f"{name}_step_refresh"] = (step, (params, with_count(state, 0), x, y))
+        if name == "kfac":  # statistics without a refresh (kfac(lr): every 5 and every 10)
+            stats_every = kfac_default("stats_every", adaptive=False)
+            count = stats_every if stats_every % kfac_default("inverse_every", False) else 1
+            pieces["kfac_step_statistics"] = (step, (params, with_count(state, count), x, y))
     return pieces
 
 
@@ -389,19 +409,24 @@ def breakdown(task: Task, args: argparse.Namespace, lr: float) -> dict[str, Any]
     for name, values in samples.items():
         times[name]["ms"] = round(1e3 * statistics.median(values), 3)
     ms = {name: entry["ms"] for name, entry in times.items()}
-    every = 10  # kfax's default inverse_every.
+    # kfac(lr)'s cadences: a refresh step also takes statistics.
+    stats_every = kfac_default("stats_every", adaptive=False)
+    every = kfac_default("inverse_every", adaptive=False)
     pieces_sum = (
         ms["forward_grad"]
-        + ms["statistics_pass"]
-        + ms["observe"]
+        + (ms["statistics_pass"] + ms["observe"]) / stats_every
         + ms["precondition"]
         + ms["refresh_factored"] / every
     )
-    full = ms["kfac_step_plain"] + (ms["kfac_step_refresh"] - ms["kfac_step_plain"]) / every
+    plain, with_stats = ms["kfac_step_plain"], ms["kfac_step_statistics"]
+    full = (
+        plain + (with_stats - plain) / stats_every + (ms["kfac_step_refresh"] - with_stats) / every
+    )
     plan = plan_of(task, x, "default")
     return {
         "pieces": times,
         "inverse_every": every,
+        "stats_every": stats_every,
         "sum_of_pieces_amortised_ms": round(pieces_sum, 2),
         "full_step_amortised_ms": round(full, 2),
         "unaccounted_ms": round(full - pieces_sum, 2),
@@ -482,7 +507,8 @@ def print_tables(record: dict) -> None:
     for name, entry in parts["pieces"].items():
         print(f"{name:<24}{entry['ms']:>9.2f}{entry['gflop']:>9.2f}{entry['compile_s']:>10.1f}")
     print(
-        f"sum of pieces (inverse / {parts['inverse_every']}): "
+        f"sum of pieces (statistics / {parts.get('stats_every', 1)}, "
+        f"inverse / {parts['inverse_every']}): "
         f"{parts['sum_of_pieces_amortised_ms']:.1f} ms; full step amortised "
         f"{parts['full_step_amortised_ms']:.1f} ms"
     )

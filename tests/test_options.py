@@ -292,7 +292,7 @@ def test_kfac_has_an_explicit_signature_with_keyword_only_options():
 
 # kfac's own defaults, chosen by time to target (benchmarks/README.md, "Sub-batches and
 # cadences"); every other option has scale_by_kfac's default.
-ALIAS_OWN_DEFAULTS = {"stats_every": 5}
+ALIAS_OWN_DEFAULTS = {"stats_every": 5, "inverse_every": None}
 
 
 def test_kfac_takes_every_option_of_scale_by_kfac_with_the_same_default_but_its_cadence():
@@ -304,6 +304,40 @@ def test_kfac_takes_every_option_of_scale_by_kfac_with_the_same_default_but_its_
         assert name in alias, name
         assert alias[name].default == ALIAS_OWN_DEFAULTS.get(name, parameter.default), name
     assert transform["stats_every"].default == 1
+
+
+def _refresh_counts(learning_rate, steps, **options):
+    """The counts at which kfac's K-FAC state got new curvature, over ``steps`` updates."""
+    opt = kfax.kfac(learning_rate, APPLY_FN, LOSS, example_inputs=X, **options)
+    params, state, refreshed = PARAMS, opt.init(PARAMS), []
+    is_kfac = lambda s: isinstance(s, kfax.KFACState)  # noqa: E731
+    for count in range(steps):
+        (before,) = [s for s in jax.tree.leaves(state, is_leaf=is_kfac) if is_kfac(s)]
+        grads = jax.grad(lambda p: LOSS(APPLY_FN(p, X), Y))(params)
+        updates, state = opt.update(grads, state, params, inputs=X, targets=Y)
+        params = optax.apply_updates(params, updates)
+        (after,) = [s for s in jax.tree.leaves(state, is_leaf=is_kfac) if is_kfac(s)]
+        pairs = zip(
+            jax.tree.leaves(before.curvature), jax.tree.leaves(after.curvature), strict=True
+        )
+        if any(bool(jnp.any(a != b)) for a, b in pairs):
+            refreshed.append(count)
+    return tuple(refreshed)
+
+
+@pytest.mark.parametrize(
+    "learning_rate, options, expected",
+    [
+        (None, {}, (0, 5, 10)),  # adaptive: every statistics step (5)
+        (LEARNING_RATE, {}, (0, 10)),  # with a learning rate: scale_by_kfac's 10
+        (None, {"inverse_every": 10}, (0, 10)),  # an explicit value wins in either mode
+        (LEARNING_RATE, {"inverse_every": 5}, (0, 5, 10)),
+    ],
+)
+def test_kfac_refreshes_every_5_steps_adaptive_and_every_10_with_a_learning_rate(
+    learning_rate, options, expected
+):
+    assert _refresh_counts(learning_rate, 12, **options) == expected
 
 
 def test_kronecker_factors_and_the_optimiser_agree_on_defaults():
