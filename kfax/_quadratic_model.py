@@ -33,7 +33,8 @@ def pmean(x, axis_name):
 
 def quadratic_terms(apply_fn, loss, params, inputs, targets, where, tangents, lam, axis_name):
     """Gradient terms ``b``, the 2x2 curvature ``<J t_i, H J t_j>``, the Gram matrix
-    ``<t_i, t_j>`` of the tangents, and the loss at ``params``."""
+    ``<t_i, t_j>`` of the tangents, the loss at ``params``, and the positions that counted (the
+    sum of the loss's position weights, averaged over devices)."""
     outputs, jvps = jax.vmap(
         lambda t: jax.jvp(lambda p: apply_fn(p, inputs), (params,), (t,)), out_axes=(None, 0)
     )(tangents)
@@ -46,8 +47,9 @@ def quadratic_terms(apply_fn, loss, params, inputs, targets, where, tangents, la
     b = jnp.einsum("k...,...->k", jvps, gradient)
     m = jnp.einsum("i...,j...->ij", jvps, curvature)
     norms = jax.vmap(lambda s: jax.vmap(lambda t: _trees.vdot(s, t))(tangents))(tangents)
-    b, m, value = pmean((b, m, loss(outputs, targets, where)), axis_name)
-    return b, m, norms, value
+    counted = jnp.sum(weights)
+    b, m, value, counted = pmean((b, m, loss(outputs, targets, where), counted), axis_name)
+    return b, m, norms, value, counted
 
 
 def solve(b: jax.Array, m: jax.Array, has_previous: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -108,14 +108,29 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
     )
     delta = jax.tree.map(jnp.negative, direction)
     previous = state.previous_update
+    whole = (inputs, targets, where)
     cut = _quadratic_model.model_sub_batch(apply_fn, params, inputs, targets, where, static)
     whole_batch = cut is None
-    if not whole_batch:
-        inputs, targets, where = cut
     tangents = jax.tree.map(lambda a, b: jnp.stack([a, b.astype(a.dtype)]), delta, previous)
-    b, m, norms, before = _quadratic_model.quadratic_terms(
-        apply_fn, loss, params, inputs, targets, where, tangents, lam, axis_name
-    )
+
+    def terms(data):
+        return _quadratic_model.quadratic_terms(
+            apply_fn, loss, params, *data, tangents, lam, axis_name
+        )
+
+    def on_model_batch(fn):
+        """``fn`` of the model's examples: the sub-batch, or the whole batch where no position
+        of the sub-batch counts (padding at the batch's end; every device agrees)."""
+        if whole_batch:
+            return fn(whole)
+        return jax.lax.cond(empty, lambda: fn(whole), lambda: fn(cut))
+
+    if whole_batch:
+        b, m, norms, before, _ = terms(whole)
+    else:
+        on_cut = terms(cut)
+        empty = on_cut[-1] <= 0
+        b, m, norms, before, _ = jax.lax.cond(empty, lambda: terms(whole), lambda: on_cut)
     alpha, mu = _quadratic_model.solve(b, m + lam * norms, state.count > 0)
     step = jax.tree.map(lambda d, p: (alpha * d + mu * p).astype(d.dtype), delta, previous)
     x = jnp.stack([alpha, mu])
@@ -126,10 +141,16 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
 
     def ratio():
         new = optax.apply_updates(params, step)
-        after = _quadratic_model.pmean(
-            loss(apply_fn(new, inputs).astype(before.dtype), targets, where), axis_name
-        )
-        return (after - before) / jnp.minimum(predicted, -jnp.finfo(before.dtype).tiny)
+
+        def loss_after(data):
+            x, y, w = data
+            return _quadratic_model.pmean(
+                loss(apply_fn(new, x).astype(before.dtype), y, w), axis_name
+            )
+
+        after = on_model_batch(loss_after)
+        rho = (after - before) / jnp.minimum(predicted, -jnp.finfo(before.dtype).tiny)
+        return rho.astype(state.info.reduction_ratio.dtype)  # float64 outputs, float32 state
 
     measure = adaptive_damping & (state.count % damping_every == 0)
     rho = jax.lax.cond(measure, ratio, lambda: state.info.reduction_ratio)
@@ -185,9 +206,10 @@ def quadratic_model_step(
         ``shard_map``); a Python int, or ``None`` (the default) for the whole batch, as is any
         size >= the batch. ``StepInfo.gradient_scale`` is then a sub-batch estimate: the
         warning about it is given on the first step only, for a scale outside ``[1/2, 2]``, and
-        only from 32 examples (on the whole batch: on any step, beyond 10% of 1). If the last
-        examples are all masked (``where`` or an ``ignore_index``), the model sees no data and
-        the step is zero: put padding first, or use the whole batch.
+        only from 32 examples (on the whole batch: on any step, beyond 10% of 1). Where no
+        position of the last examples counts (all masked by ``where`` or an ``ignore_index``,
+        on every device: padding at the batch's end), that step's model and ratio take the
+        whole batch.
       batch_axes: which input leaves are batched, for ``model_batch_size`` (``0`` or ``None``
         per leaf, like ``jax.vmap``'s ``in_axes``; default: leaves whose leading axis has the
         outputs' batch size).

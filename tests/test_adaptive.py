@@ -245,6 +245,37 @@ def _scaled_step(opt, loss, apply_fn, params, state, inputs, targets, factor):
     return optax.apply_updates(params, updates), state
 
 
+def test_a_model_sub_batch_where_nothing_counts_takes_the_whole_batch(x64):
+    """Padding at the batch's end: where the last 8 of 16 examples are masked and the model takes
+    the last 4, none of its positions counts, so each step's model and reduction ratio are the
+    whole batch's (alpha, mu, predicted change, rho as with model_batch_size=False), not a zero
+    step; with the last 12 examples, 4 counted ones among them, the sub-batch is kept."""
+    params, apply_fn, inputs, targets = linear_problem()
+    loss = kfax.losses.SquaredError()
+    where = jnp.arange(16) < 8
+
+    def train(size):
+        opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs, model_batch_size=size)
+        p, state, infos = params, opt.init(params), []
+        for _ in range(3):
+            grads = jax.grad(lambda q: loss(apply_fn(q, inputs), targets, where))(p)
+            updates, state = opt.update(
+                grads, state, p, inputs=inputs, targets=targets, where=where
+            )
+            p = optax.apply_updates(p, updates)
+            infos.append(state.info)
+        return infos
+
+    padded, whole, partial = train(4), train(False), train(12)
+    for step, (a, b) in enumerate(zip(padded, whole, strict=True)):
+        for name in ("step_size", "momentum", "predicted_change", "reduction_ratio", "damping"):
+            np.testing.assert_allclose(
+                getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-15, err_msg=f"{step} {name}"
+            )
+    assert float(padded[0].step_size) > 0 and float(padded[0].reduction_ratio) > 0
+    assert abs(float(partial[0].predicted_change) - float(whole[0].predicted_change)) > 1e-6
+
+
 def test_kfac_adaptive_evaluates_its_model_on_at_most_256_examples_by_default():
     """kfac(None) is kfac(None, model_batch_size=256): on a batch of 300 its steps are those of
     the model on the last 256 examples, and model_batch_size=False (a NumPy or 0-d JAX False
@@ -386,3 +417,30 @@ def test_under_vmap_only_the_replicas_with_another_gradient_scale_warn():
         jax.effects_barrier()
     scale = [str(w.message) for w in caught if "not the gradient of kfax's" in str(w.message)]
     assert len(scale) == 1 and "factor 32" in scale[0], scale
+
+
+def test_float32_parameters_with_float64_outputs_under_x64_take_adaptive_steps(x64):
+    """A model whose outputs are promoted to float64 (a float64 constant in its forward pass,
+    as nnx's BatchNorm gives under jax_enable_x64) while its parameters and kfac's state are
+    float32: the reduction ratio is float64 and the state's float32; every step of the
+    damping cadence (measured or not) keeps the state's dtypes and moves the parameters."""
+    params = {"w": jnp.ones((3, 2), jnp.float32) / 3}
+    x = jnp.linspace(-1.0, 1.0, 24, dtype=jnp.float32).reshape(8, 3)
+    y = jnp.arange(8) % 2
+
+    def apply_fn(p, inputs):
+        return inputs @ p["w"] + jnp.asarray(0.5, jnp.float64)
+
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    opt = kfax.kfac(None, apply_fn, loss, example_inputs=x, damping_every=2)
+    state = opt.init(params)
+    dtypes = jax.tree.map(lambda a: a.dtype, state)
+    p = params
+    for _ in range(3):
+        grads = jax.grad(lambda q: loss(apply_fn(q, x), y))(p)
+        updates, state = jax.jit(opt.update)(grads, state, p, inputs=x, targets=y)
+        assert jax.tree.map(lambda a: a.dtype, state) == dtypes
+        assert updates["w"].dtype == jnp.float32 and bool(jnp.any(updates["w"] != 0))
+        p = optax.apply_updates(p, updates)
+    assert state.info.reduction_ratio.dtype == jnp.float32
+    assert np.isfinite(float(state.info.reduction_ratio)) and int(state.info.ratio_step) == 2
