@@ -131,8 +131,11 @@ def kfac_default(name: str, adaptive: bool) -> int:
     default = inspect.signature(kfax.kfac).parameters[name].default
     if default is not None:
         return default
+    mode = "adaptive" if adaptive else "learning_rate"
+    if name == "stats_every":
+        return kfax.alias.DEFAULT_STATS_EVERY[mode]
     if name == "inverse_every":
-        return kfax.alias.DEFAULT_INVERSE_EVERY["adaptive" if adaptive else "learning_rate"]
+        return kfax.alias.DEFAULT_INVERSE_EVERY[mode]
     return kfax.alias.DEFAULT_DAMPING_EVERY
 
 

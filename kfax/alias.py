@@ -36,19 +36,23 @@ DEFAULT_MIN_DAMPING = 1e-4
 # the whole batch's trajectory and reached Adam's 120-second loss in 29.3-30.4 s against
 # 36.3-36.6 s (benchmarks/README.md, "Sub-batches and cadences"); smaller batches are unaffected.
 DEFAULT_MODEL_BATCH_SIZE = 256
-# Statistics every 5 steps (scale_by_kfac's own default is every step). On the MNIST autoencoder
-# (batch 1000, refreshes every 10 steps, seeds 0 and 1) the adaptive mode reached Adam's
-# 120-second loss in 21.3-21.6 s with statistics every 5 steps, 22.5-23.9 s every 3, 29.3-30.4 s
-# every step, in the same 50 steps: a refresh sees two batches' statistics, and the moving
-# average still spans about 100 steps (benchmarks/README.md, "Sub-batches and cadences").
-DEFAULT_STATS_EVERY = 5
-# Refreshes every 5 steps in the adaptive mode (each statistics step), every 10 with a learning
-# rate (scale_by_kfac's own default). On the MNIST autoencoder (batch 1000, 60-second races, seeds
-# 0 and 1, evaluated every 2 steps) the adaptive mode reached Adam's 120-second loss in 38 and 36
-# steps (17.2 and 15.5 s) against 42 and 42 (19.4 and 16.9 s) with refreshes every 10; every 20
-# took 60 steps (benchmarks/README.md, "Sub-batches and cadences"). With a learning rate, every 5
-# ended higher (93.7 and 86.9 against 79.0 and 67.9 after 60 s), and every 20 higher still.
-DEFAULT_INVERSE_EVERY = {"adaptive": 5, "learning_rate": 10}
+# Statistics every 5 steps with a learning rate, every 4 in the adaptive mode (scale_by_kfac's own
+# default is every step). On the MNIST autoencoder (batch 1000, refreshes every 10 steps, seeds 0
+# and 1) the adaptive mode reached Adam's 120-second loss in 21.3-21.6 s with statistics every 5
+# steps, 22.5-23.9 s every 3, 29.3-30.4 s every step, in the same 50 steps: a refresh sees two
+# batches' statistics, and the moving average still spans about 100 steps. With a learning rate,
+# kfac(0.01) ended at 75.7 / 99.8 after 60 s with statistics every 3 steps against 129.8 / 108.4
+# every step (benchmarks/README.md, "Sub-batches and cadences").
+# Refreshes every 10 steps with a learning rate (scale_by_kfac's own default); in the adaptive
+# mode on each statistics step. There, statistics and refreshes every 4 steps reached the same
+# target in 34 and 34 steps (16.4 and 14.4 s; 60-second races, seeds 0 and 1, evaluated every
+# 2 steps) against 38 and 36 (17.2 and 15.5 s) every 5 and 42 and 42 (19.4 and 16.9 s) with
+# statistics every 5 and refreshes every 10; in a 120-second race 36 steps (16.3 s) against 40
+# (18.6 s) every 5 (benchmarks/README.md, "Refresh cadence"). With a learning rate, refreshes
+# every 5 ended higher (93.7 and 86.9 against 79.0 and 67.9 after 60 s), and every 20 higher
+# still.
+DEFAULT_STATS_EVERY = {"adaptive": 4, "learning_rate": 5}
+DEFAULT_INVERSE_EVERY = {"adaptive": 4, "learning_rate": 10}
 
 
 def _check_mode(
@@ -121,7 +125,7 @@ def kfac(
     kind: str = "mc",
     samples: int | None = None,
     ema_decay: float = 0.95,
-    stats_every: int = DEFAULT_STATS_EVERY,
+    stats_every: int | None = None,
     inverse_every: int | None = None,
     stats_batch_size: int | None = None,
     model_batch_size: int | bool | None = None,
@@ -160,9 +164,10 @@ def kfac(
       model_batch_size: the quadratic model and the reduction ratio on at most this many last
         examples of each batch (adaptive only; default 256; ``False``: the whole batch);
         ``stats_batch_size`` takes the first, so the model checks the step on other examples.
-      stats_every: steps between statistics (default 5, where :func:`kfax.scale_by_kfac`
-        takes every step): measured faster to a target loss at the same number of steps.
-      inverse_every: steps between refreshes of the inverses (default: 5, each statistics
+      stats_every: steps between statistics (default: 4 in the adaptive mode, 5 with a learning
+        rate, where :func:`kfax.scale_by_kfac` takes every step): measured faster to a target
+        loss, in fewer or the same number of steps.
+      inverse_every: steps between refreshes of the inverses (default: 4, each statistics
         step, in the adaptive mode; 10, :func:`kfax.scale_by_kfac`'s, with a learning rate):
         each measured fastest to a target loss in its mode.
       block, centering, kind, samples, ema_decay, stats_batch_size,
@@ -189,6 +194,7 @@ def kfac(
       Martens & Grosse, ICML 2015. Ba, Grosse & Martens, ICLR 2017 (norm constraint).
     """
     adaptive = learning_rate is None
+    mode = "adaptive" if adaptive else "learning_rate"
     extra = {"damping_every": damping_every, "min_damping": min_damping}
     _check_mode(
         adaptive, momentum, norm_constraint, adaptive_damping, extra, damping, model_batch_size
@@ -203,10 +209,8 @@ def kfac(
         kind=kind,
         samples=samples,
         ema_decay=ema_decay,
-        stats_every=stats_every,
-        inverse_every=DEFAULT_INVERSE_EVERY["adaptive" if adaptive else "learning_rate"]
-        if inverse_every is None
-        else inverse_every,
+        stats_every=DEFAULT_STATS_EVERY[mode] if stats_every is None else stats_every,
+        inverse_every=DEFAULT_INVERSE_EVERY[mode] if inverse_every is None else inverse_every,
         stats_batch_size=stats_batch_size,
         batch_axes=batch_axes,
         unmatched=unmatched,

@@ -292,7 +292,7 @@ def test_kfac_has_an_explicit_signature_with_keyword_only_options():
 
 # kfac's own defaults, chosen by time to target (benchmarks/README.md, "Sub-batches and
 # cadences"); every other option has scale_by_kfac's default.
-ALIAS_OWN_DEFAULTS = {"stats_every": 5, "inverse_every": None}
+ALIAS_OWN_DEFAULTS = {"stats_every": None, "inverse_every": None}
 
 
 def test_kfac_takes_every_option_of_scale_by_kfac_with_the_same_default_but_its_cadence():
@@ -306,38 +306,43 @@ def test_kfac_takes_every_option_of_scale_by_kfac_with_the_same_default_but_its_
     assert transform["stats_every"].default == 1
 
 
-def _refresh_counts(learning_rate, steps, **options):
-    """The counts at which kfac's K-FAC state got new curvature, over ``steps`` updates."""
+def _change_counts(learning_rate, steps, **options):
+    """The counts at which kfac's K-FAC state took statistics and got new curvature, over
+    ``steps`` updates: ``(statistics counts, refresh counts)``."""
     opt = kfax.kfac(learning_rate, APPLY_FN, LOSS, example_inputs=X, **options)
-    params, state, refreshed = PARAMS, opt.init(PARAMS), []
+    params, state, observed, refreshed = PARAMS, opt.init(PARAMS), [], []
     is_kfac = lambda s: isinstance(s, kfax.KFACState)  # noqa: E731
+    changed = lambda a, b: any(  # noqa: E731
+        bool(jnp.any(x != y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
     for count in range(steps):
         (before,) = [s for s in jax.tree.leaves(state, is_leaf=is_kfac) if is_kfac(s)]
         grads = jax.grad(lambda p: LOSS(APPLY_FN(p, X), Y))(params)
         updates, state = opt.update(grads, state, params, inputs=X, targets=Y)
         params = optax.apply_updates(params, updates)
         (after,) = [s for s in jax.tree.leaves(state, is_leaf=is_kfac) if is_kfac(s)]
-        pairs = zip(
-            jax.tree.leaves(before.curvature), jax.tree.leaves(after.curvature), strict=True
-        )
-        if any(bool(jnp.any(a != b)) for a, b in pairs):
+        if changed(before.statistics, after.statistics):
+            observed.append(count)
+        if changed(before.curvature, after.curvature):
             refreshed.append(count)
-    return tuple(refreshed)
+    return tuple(observed), tuple(refreshed)
 
 
 @pytest.mark.parametrize(
-    "learning_rate, options, expected",
+    "learning_rate, options, statistics, refreshes",
     [
-        (None, {}, (0, 5, 10)),  # adaptive: every statistics step (5)
-        (LEARNING_RATE, {}, (0, 10)),  # with a learning rate: scale_by_kfac's 10
-        (None, {"inverse_every": 10}, (0, 10)),  # an explicit value wins in either mode
-        (LEARNING_RATE, {"inverse_every": 5}, (0, 5, 10)),
+        (None, {}, (0, 4, 8), (0, 4, 8)),  # adaptive: statistics and refreshes every 4 steps
+        (LEARNING_RATE, {}, (0, 5, 10), (0, 10)),  # with a rate: every 5, scale_by_kfac's 10
+        # an explicit value wins in either mode
+        (None, {"stats_every": 5, "inverse_every": 10}, (0, 5, 10), (0, 10)),
+        (None, {"inverse_every": 6}, (0, 4, 8), (0, 6)),
+        (LEARNING_RATE, {"stats_every": 2, "inverse_every": 4}, (0, 2, 4, 6, 8, 10), (0, 4, 8)),
     ],
 )
-def test_kfac_refreshes_every_5_steps_adaptive_and_every_10_with_a_learning_rate(
-    learning_rate, options, expected
+def test_kfac_observes_and_refreshes_every_4_steps_adaptive_every_5_and_10_with_a_rate(
+    learning_rate, options, statistics, refreshes
 ):
-    assert _refresh_counts(learning_rate, 12, **options) == expected
+    assert _change_counts(learning_rate, 12, **options) == (statistics, refreshes)
 
 
 def test_kronecker_factors_and_the_optimiser_agree_on_defaults():
