@@ -352,7 +352,8 @@ def test_one_non_finite_batch_leaves_every_part_of_the_state_finite():
         return updates, s
 
     state = opt.init(params)
-    for _ in range(5):  # the bad batch comes at count 5: a statistics step (every 5 steps)
+    every = kfax.alias.DEFAULT_STATS_EVERY["adaptive"]
+    for _ in range(every):  # the bad batch comes on kfac(None)'s second statistics step
         updates, state = step(params, state, inputs)
         params = optax.apply_updates(params, updates)
     bad, state = step(params, state, inputs.at[0, 0].set(jnp.nan))
