@@ -126,18 +126,23 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
         return jax.lax.cond(empty, lambda: fn(whole), lambda: fn(cut))
 
     if whole_batch:
-        b, m, norms, before, _ = terms(whole)
+        b, m, norms, before, counted = terms(whole)
     else:
         on_cut = terms(cut)
         empty = on_cut[-1] <= 0
-        b, m, norms, before, _ = jax.lax.cond(empty, lambda: terms(whole), lambda: on_cut)
+        b, m, norms, before, counted = jax.lax.cond(empty, lambda: terms(whole), lambda: on_cut)
     alpha, mu = _quadratic_model.solve(b, m + lam * norms, state.count > 0)
     step = jax.tree.map(lambda d, p: (alpha * d + mu * p).astype(d.dtype), delta, previous)
     x = jnp.stack([alpha, mu])
     predicted = b @ x + 0.5 * x @ m @ x  # the undamped model: rho compares the loss with it
     along = _trees.vdot(grads, delta)
-    model_batch = None if whole_batch else static.model_batch_size
-    scale = _gradient_scale.check(along, b[0], state.count, model_batch)
+    # The gradient-scale check follows the examples the model saw: the whole batch's rule on a
+    # step that fell back to it.
+    scale = on_model_batch(
+        lambda data: _gradient_scale.check(
+            along, b[0], state.count, None if data is whole else static.model_batch_size
+        )
+    )
 
     def ratio():
         new = optax.apply_updates(params, step)
@@ -159,7 +164,9 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
         rho > _LOWER_ABOVE, lam * omega, jnp.where(rho < _RAISE_BELOW, lam / omega, lam)
     )
     ok = _trees.all_finite((alpha, mu, step, predicted))
-    measured = measure & ok & jnp.isfinite(rho)
+    # A batch where nothing counts (every position masked) predicts and measures nothing: the
+    # damping stays where it is.
+    measured = measure & ok & jnp.isfinite(rho) & (counted > 0)
     new_lam = jnp.where(measured, jnp.clip(moved, min_damping, max_damping), lam)
     info = StepInfo(
         *(jnp.where(ok, v, 0.0).astype(lam.dtype) for v in (alpha, mu, predicted)),

@@ -5,8 +5,9 @@ with taps, and pulls back both the loss's gradient (giving the parameter gradien
 curvature kind's output cotangents (giving each layer's statistics). Pass the statistics to
 ``update(..., statistics=...)`` and the preconditioner skips its own forward pass. Knows
 nothing of optimiser state: with a statistics cadence (``stats_every``; ``kfax.kfac``'s default
-is 5) ``update`` uses the statistics on statistics steps only (``count % stats_every == 0``), so
-on the other steps ``jax.value_and_grad`` is the cheaper call.
+is 4 in the adaptive mode, 5 with a learning rate) ``update`` uses the statistics on statistics
+steps only (``count % stats_every == 0``), so on the other steps ``jax.value_and_grad`` is the
+cheaper call.
 """
 
 from __future__ import annotations

@@ -445,3 +445,75 @@ def test_float32_parameters_with_float64_outputs_under_x64_take_adaptive_steps(x
         p = optax.apply_updates(p, updates)
     assert state.info.reduction_ratio.dtype == jnp.float32
     assert np.isfinite(float(state.info.reduction_ratio)) and int(state.info.ratio_step) == 2
+
+
+def _masked_steps(opt, loss, apply_fn, params, inputs, targets, where, steps, factor=1.0):
+    """``steps`` jitted updates on one batch with its mask; the gradient is ``factor`` times
+    that of the masked mean loss. Returns the StepInfos and the warnings given."""
+
+    @jax.jit
+    def step(p, s):
+        grads = jax.grad(lambda q: factor * loss(apply_fn(q, inputs), targets, where))(p)
+        updates, s = opt.update(grads, s, p, inputs=inputs, targets=targets, where=where)
+        return optax.apply_updates(p, updates), s
+
+    p, state, infos = params, opt.init(params), []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            p, state = step(p, state)
+            infos.append(state.info)
+        jax.effects_barrier()
+    return infos, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("model_batch_size", [4, False])
+def test_a_batch_where_nothing_counts_measures_nothing_and_leaves_the_damping(model_batch_size):
+    """Every position masked: the model predicts no change, so no reduction ratio is measured
+    (ratio_step stays -1) and the Levenberg-Marquardt damping stays at its initial value on
+    every damping step, instead of rising by (20/19)^k on a ratio of 0 / -tiny."""
+    params, apply_fn, inputs, _ = models.mlp(sizes=(4, 8, 3), batch=16)
+    targets = jnp.arange(16) % 3
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    opt = kfax.kfac(
+        None,
+        apply_fn,
+        loss,
+        example_inputs=inputs,
+        damping=1e-2,
+        damping_every=1,
+        model_batch_size=model_batch_size,
+    )
+    where = jnp.zeros(16, bool)
+    infos, _ = _masked_steps(opt, loss, apply_fn, params, inputs, targets, where, steps=4)
+    for info in infos:
+        assert float(info.damping) == pytest.approx(1e-2, rel=1e-6)
+        assert int(info.ratio_step) == -1
+        assert float(info.step_size) == 0.0 and float(info.predicted_change) == 0.0
+
+
+def test_a_step_that_falls_back_to_the_whole_batch_checks_the_gradient_by_the_whole_batch_rule():
+    """With the model on the last 32 of 64 examples, a gradient 1.5x kfax's loss is inside the
+    sub-batch band [1/2, 2] and gives no warning; where those 32 are padding, the step falls
+    back to the whole batch, whose rule (beyond 10% of 1, on any step) warns, as with
+    model_batch_size=False, and StepInfo.gradient_scale is the whole batch's 1.5."""
+    params, apply_fn, inputs, _ = models.mlp(sizes=(4, 8, 3), batch=64)
+    targets = jnp.arange(64) % 3
+    loss = kfax.losses.SoftmaxCrossEntropy()
+    message = "not the gradient of kfax's"
+    runs = {}
+    for name, size, where in [
+        ("sub-batch", 32, jnp.ones(64, bool)),
+        ("padded", 32, jnp.arange(64) < 32),
+        ("whole", False, jnp.arange(64) < 32),
+    ]:
+        opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs, model_batch_size=size)
+        runs[name] = _masked_steps(
+            opt, loss, apply_fn, params, inputs, targets, where, steps=2, factor=1.5
+        )
+    assert not any(message in w for w in runs["sub-batch"][1])
+    for name in ("padded", "whole"):
+        infos, caught = runs[name]
+        assert sum(message in w for w in caught) == 2, name
+        for info in infos:
+            np.testing.assert_allclose(info.gradient_scale, 1.5, rtol=1e-4)

@@ -91,7 +91,7 @@ class Config:
     weighted: bool = False
 
     def optimizer(self, problem: Problem, **overrides) -> optax.GradientTransformation:
-        # Statistics every step unless the set gives a cadence (kfac's default is 5): the tests
+        # Statistics every step unless the set gives a cadence (kfac's default is 4 or 5): the tests
         # below feed batches at chosen steps; the cadence's own set runs stats_every=2.
         options = {"damping": DAMPING, "stats_every": 1, **self.options, **overrides}
         learning_rate = None if self.adaptive else options.pop("learning_rate", LEARNING_RATE)

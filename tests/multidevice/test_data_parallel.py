@@ -40,7 +40,7 @@ def optimiser(apply_fn, x, axis_name=None, **options):
         LOSS,
         example_inputs=x[: BATCH // DEVICES],
         damping_every=1,
-        stats_every=1,  # statistics pooled across devices on every step (kfac's default: 5)
+        stats_every=1,  # statistics pooled across devices on every step (kfac's default: 4 or 5)
         axis_name=axis_name,
         **options,
     )
