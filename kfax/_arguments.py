@@ -90,3 +90,23 @@ def check_same_structure(updates, params) -> None:
         + (f": missing {missing[:5]}" if missing else f": {jax.tree.structure(updates)}")
         + ". Pass the gradient of the loss with respect to all of params."
     )
+
+
+def check_same_shapes_as_state(previous_update, params) -> None:
+    """The adaptive step's stored previous update has the shapes of the parameters at
+    ``init``."""
+    old, old_tree = jax.tree_util.tree_flatten_with_path(previous_update)
+    new, new_tree = jax.tree_util.tree_flatten_with_path(params)
+    if old_tree != new_tree:
+        raise ValueError(
+            "params do not match the K-FAC state (the adaptive step's): the parameter tree "
+            "changed since "
+            f"init (state built for {old_tree}, params are {new_tree})."
+        )
+    for (path, a), (_, b) in zip(old, new, strict=True):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ValueError(
+                f"params do not match the K-FAC state (the adaptive step's): parameter "
+                f"{jax.tree_util.keystr(path)!r} has shape {jnp.shape(b)}, but the state was "
+                f"built for shape {jnp.shape(a)}."
+            )

@@ -8,7 +8,8 @@ batch's. The last examples, because the preconditioner's ``stats_batch_size`` ta
 model on the very examples that made the Kronecker factors is blind to the directions the factors
 estimate worst (those orthogonal to the sub-batch's activations, where ``Delta`` is largest). On
 the MNIST autoencoder (batch 1000, statistics on the first 250, damping 1e-2) a model on those same
-250 examples let the loss diverge within 7 steps.
+250 examples let the loss diverge within 7 steps. Where no position of the sub-batch counts
+(padding at the batch's end), :func:`on_model_examples` falls back to the whole batch.
 """
 
 from __future__ import annotations
@@ -93,3 +94,21 @@ def model_sub_batch(apply_fn, params, inputs, targets, where, static):
         "flattens positions into rows has no such cut). Pass batch_axes to say which input "
         "leaves are batched, or leave model_batch_size unset."
     )
+
+
+def on_model_examples(terms, whole, cut):
+    """``terms(examples)`` (:func:`quadratic_terms`' tuple, whose last entry counts the
+    positions) on the model's examples, and ``run(fn)``, which evaluates ``fn(examples,
+    is_whole)`` on the same ones: the sub-batch ``cut``, or the ``whole`` batch where ``cut`` is
+    ``None`` or none of its positions counts (padding at the batch's end; the count is averaged
+    over devices, so they agree). The fallback is a ``lax.cond``: only such a step pays for the
+    whole batch."""
+    if cut is None:
+        return terms(whole), lambda fn: fn(whole, True)
+    on_cut = terms(cut)
+    empty = on_cut[-1] <= 0
+
+    def run(fn):
+        return jax.lax.cond(empty, lambda: fn(whole, True), lambda: fn(cut, False))
+
+    return jax.lax.cond(empty, lambda: terms(whole), lambda: on_cut), run

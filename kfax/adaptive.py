@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kfax import _gradient_scale, _quadratic_model, _sub_batches, _trees, _validation
+from kfax import _arguments, _gradient_scale, _quadratic_model, _sub_batches, _trees, _validation
 from kfax.losses import Loss, check_loss
 
 # Levenberg-Marquardt: lower lam when rho > 3/4, raise it when rho < 1/4, by (19/20)^every.
@@ -108,9 +108,7 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
     )
     delta = jax.tree.map(jnp.negative, direction)
     previous = state.previous_update
-    whole = (inputs, targets, where)
     cut = _quadratic_model.model_sub_batch(apply_fn, params, inputs, targets, where, static)
-    whole_batch = cut is None
     tangents = jax.tree.map(lambda a, b: jnp.stack([a, b.astype(a.dtype)]), delta, previous)
 
     def terms(data):
@@ -118,42 +116,32 @@ def _adaptive_step(static, grads, state, params, inputs, targets, where, extra, 
             apply_fn, loss, params, *data, tangents, lam, axis_name
         )
 
-    def on_model_batch(fn):
-        """``fn`` of the model's examples: the sub-batch, or the whole batch where no position
-        of the sub-batch counts (padding at the batch's end; every device agrees)."""
-        if whole_batch:
-            return fn(whole)
-        return jax.lax.cond(empty, lambda: fn(whole), lambda: fn(cut))
-
-    if whole_batch:
-        b, m, norms, before, counted = terms(whole)
-    else:
-        on_cut = terms(cut)
-        empty = on_cut[-1] <= 0
-        b, m, norms, before, counted = jax.lax.cond(empty, lambda: terms(whole), lambda: on_cut)
+    (b, m, norms, before, counted), on_model_examples = _quadratic_model.on_model_examples(
+        terms, (inputs, targets, where), cut
+    )
     alpha, mu = _quadratic_model.solve(b, m + lam * norms, state.count > 0)
     step = jax.tree.map(lambda d, p: (alpha * d + mu * p).astype(d.dtype), delta, previous)
     x = jnp.stack([alpha, mu])
     predicted = b @ x + 0.5 * x @ m @ x  # the undamped model: rho compares the loss with it
     along = _trees.vdot(grads, delta)
-    # The gradient-scale check follows the examples the model saw: the whole batch's rule on a
-    # step that fell back to it.
-    scale = on_model_batch(
-        lambda data: _gradient_scale.check(
-            along, b[0], state.count, None if data is whole else static.model_batch_size
+    # The gradient-scale check follows the examples the model saw (the whole batch's rule on a
+    # step that fell back to it).
+    scale = on_model_examples(
+        lambda _, whole: _gradient_scale.check(
+            along, b[0], state.count, None if whole else static.model_batch_size
         )
     )
 
     def ratio():
         new = optax.apply_updates(params, step)
 
-        def loss_after(data):
+        def loss_after(data, _):
             x, y, w = data
             return _quadratic_model.pmean(
                 loss(apply_fn(new, x).astype(before.dtype), y, w), axis_name
             )
 
-        after = on_model_batch(loss_after)
+        after = on_model_examples(loss_after)
         rho = (after - before) / jnp.minimum(predicted, -jnp.finfo(before.dtype).tiny)
         return rho.astype(state.info.reduction_ratio.dtype)  # float64 outputs, float32 state
 
@@ -284,29 +272,10 @@ def quadratic_model_step(
                 "the adaptive step (kfax.kfac(None, ...) / quadratic_model_step) needs params, "
                 "inputs=... and targets=... in update: it evaluates the loss on the batch."
             )
-        _check_same_shapes(state.previous_update, params)
+        _arguments.check_same_shapes_as_state(state.previous_update, params)
         if model_batch_size is not None:
             _sub_batches.check_batch_axes(batch_axes, inputs)
         rule = (damping_every, min_damping, max_damping, damping)
         return _adaptive_step(static, grads, state, params, inputs, targets, where, extra, rule)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_same_shapes(previous_update: Any, params: Any) -> None:
-    """The stored previous update has the shapes of the parameters at ``init``."""
-    old, old_tree = jax.tree_util.tree_flatten_with_path(previous_update)
-    new, new_tree = jax.tree_util.tree_flatten_with_path(params)
-    if old_tree != new_tree:
-        raise ValueError(
-            "params do not match the K-FAC state (the adaptive step's): the parameter tree "
-            "changed since "
-            f"init (state built for {old_tree}, params are {new_tree})."
-        )
-    for (path, a), (_, b) in zip(old, new, strict=True):
-        if jnp.shape(a) != jnp.shape(b):
-            raise ValueError(
-                f"params do not match the K-FAC state (the adaptive step's): parameter "
-                f"{jax.tree_util.keystr(path)!r} has shape {jnp.shape(b)}, but the state was "
-                f"built for shape {jnp.shape(a)}."
-            )
