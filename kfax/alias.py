@@ -47,10 +47,10 @@ DEFAULT_MODEL_BATCH_SIZE = 256
 # mode on each statistics step. There, statistics and refreshes every 4 steps reached the same
 # target in 34 and 34 steps (16.4 and 14.4 s; 60-second races, seeds 0 and 1, evaluated every
 # 2 steps) against 38 and 36 (17.2 and 15.5 s) every 5 and 42 and 42 (19.4 and 16.9 s) with
-# statistics every 5 and refreshes every 10; in a 120-second race 36 steps (16.3 s) against 40
-# (18.6 s) every 5 (benchmarks/README.md, "Refresh cadence"). With a learning rate, refreshes
-# every 5 ended higher (93.7 and 86.9 against 79.0 and 67.9 after 60 s), and every 20 higher
-# still.
+# statistics every 5 and refreshes every 10; in two 120-second races 36 and 40 steps (16.3 and
+# 18.8 s) against 40 and 45 (18.6 and 19.3 s) every 5 (benchmarks/README.md, "Refresh cadence").
+# With a learning rate, refreshes every 5 ended higher (93.7 and 86.9 against 79.0 and 67.9 after
+# 60 s), and every 20 higher still.
 DEFAULT_STATS_EVERY = {"adaptive": 4, "learning_rate": 5}
 DEFAULT_INVERSE_EVERY = {"adaptive": 4, "learning_rate": 10}
 

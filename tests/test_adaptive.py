@@ -256,15 +256,7 @@ def test_a_model_sub_batch_where_nothing_counts_takes_the_whole_batch(x64):
 
     def train(size):
         opt = kfax.kfac(None, apply_fn, loss, example_inputs=inputs, model_batch_size=size)
-        p, state, infos = params, opt.init(params), []
-        for _ in range(3):
-            grads = jax.grad(lambda q: loss(apply_fn(q, inputs), targets, where))(p)
-            updates, state = opt.update(
-                grads, state, p, inputs=inputs, targets=targets, where=where
-            )
-            p = optax.apply_updates(p, updates)
-            infos.append(state.info)
-        return infos
+        return _masked_steps(opt, loss, apply_fn, params, inputs, targets, where, steps=3)[0]
 
     padded, whole, partial = train(4), train(False), train(12)
     for step, (a, b) in enumerate(zip(padded, whole, strict=True)):
