@@ -167,3 +167,24 @@ def test_step_cost_classes_kfax_steps_by_kfacs_own_cadence_defaults():
     assert adaptive == {"stats": 4, "inverse": 4, "damping": 5}
     given = step_cost.periods(optimizers.parse("kfac+stats_every=1+inverse_every=20@0.01"))
     assert given == {"stats": 1, "inverse": 20}
+
+
+def test_the_compile_time_probe_removes_each_stage_it_names(tmp_path):
+    """benchmarks.compile_time times trace, lowering and compile of each train step; its stage
+    probe really removes the stage (kfax's step is jitted with its plan static, so a cached
+    trace would hide the removal): every program without a stage is smaller than the full one,
+    and the one without all three is the smallest."""
+    from benchmarks import compile_time  # noqa: PLC0415
+
+    record = compile_time.main(["--quick", "--depths", "2", "--stages", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "compile_time_quick.json").read_text()) == record
+    rows = [(row["layout"], row["depth"]) for row in record["rows"]]
+    assert rows == [("unrolled", 2), ("scan", 2)]
+    for row in record["rows"]:
+        configs = row["configs"]
+        for entry in configs.values():
+            assert entry["total_s"] > 0 and entry["compile_s"] > 0
+        full = configs["kfac(lr)"]["hlo_lines"]
+        bare = configs["kfac(lr) without all three"]["hlo_lines"]
+        for stage in compile_time.STAGES:
+            assert bare < configs[f"kfac(lr) without {stage}"]["hlo_lines"] < full, stage

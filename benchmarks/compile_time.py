@@ -1,0 +1,184 @@
+"""Where the compile time of a train step goes (issue 10): tracing, lowering and XLA's compile.
+
+Usage (repository root)::
+
+    .venv-bench/bin/python -m benchmarks.compile_time            # depths 2, 8, 32, 64
+    .venv/bin/python -m benchmarks.compile_time --quick          # width 32, depths 2, 4 (seconds)
+
+The model is ``benchmarks.scaling``'s stack of ``depth`` square dense layers of ``--width``
+(batch ``--batch-size``, squared error), written out layer by layer (``unrolled``) and as a
+``lax.scan`` over stacked parameters (``scan``: kfax finds one stacked layer and preconditions
+it with one stacked block, the layout a state stacked per group of equal layers would give). For
+each, a jitted train step (``jax.value_and_grad`` of the loss, the optimiser's ``update``,
+``optax.apply_updates``) of Adam, ``kfax.kfac(lr)`` and ``kfax.kfac(None)`` is traced, lowered and
+compiled once, each phase timed on its own, after ``jax.clear_caches()`` (nothing traced for one
+optimiser is reused by the next; the first trace of the run, a warm-up, is not recorded).
+
+``--stages`` adds ``kfac(lr)`` with each stage of kfax's step (taking statistics, refreshing the
+curvature, preconditioning) replaced by one that returns its input, and with all three replaced:
+the compile time each stage adds. It patches private functions of ``kfax._step`` (a probe, not an
+API), so it may need updating when those change.
+
+Writes ``<out>/compile_time[_quick]<tag>.json``: per layout and depth, per optimiser, the
+seconds of each phase and the number of lines of XLA's optimised HLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import kfax
+from benchmarks.run import RESULTS, git_commit, machine, versions
+from benchmarks.scaling import scanned_deep_linear
+from examples import models
+
+STAGES = ("statistics", "refresh", "precondition")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_time", description=__doc__)
+    parser.add_argument("--depths", default=None, help="comma-separated (default 2,8,32,64)")
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--layouts", default="unrolled,scan", help="unrolled, scan or both")
+    parser.add_argument("--stages", action="store_true", help="kfac(lr) without each stage too")
+    parser.add_argument("--quick", action="store_true", help="width 32, batch 16, depths 2,4")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.width, args.batch_size = 32, 16
+    if args.depths is None:
+        args.depths = "2,4" if args.quick else "2,8,32,64"
+    return args
+
+
+def phases(step: Callable, *args: Any) -> dict[str, float]:
+    """Seconds to trace, lower and compile ``step`` for ``args`` in a fresh ``jax.jit``."""
+    begin = time.perf_counter()
+    traced = jax.jit(step).trace(*args)
+    traced_at = time.perf_counter()
+    lowered = traced.lower()
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    return {
+        "trace_s": round(traced_at - begin, 3),
+        "lower_s": round(lowered_at - traced_at, 3),
+        "compile_s": round(done - lowered_at, 3),
+        "total_s": round(done - begin, 3),
+        "hlo_lines": len(compiled.as_text().splitlines()),
+    }
+
+
+@contextlib.contextmanager
+def without(stages: tuple[str, ...]) -> Iterator[None]:
+    """kfax's step with ``stages`` replaced by functions that return their input."""
+    from kfax import _step  # noqa: PLC0415  (a probe of private functions)
+
+    saved = {name: getattr(_step, name) for name in ("_observe", "_refresh", "_precondition")}
+
+    def observe(plan, state, *args):
+        return state.statistics, state.health, None
+
+    def refresh(plan, stats, curvature, health, damping):
+        return curvature, health
+
+    def precondition(plan, stats, curvature, updates, lam):
+        leaves, treedef = jax.tree.flatten(updates)
+        return list(leaves), treedef
+
+    replacements = {"statistics": observe, "refresh": refresh, "precondition": precondition}
+    names = {"statistics": "_observe", "refresh": "_refresh", "precondition": "_precondition"}
+    try:
+        for stage in stages:
+            setattr(_step, names[stage], replacements[stage])
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(_step, name, fn)
+
+
+def measure(layout: str, depth: int, args: argparse.Namespace) -> dict:
+    params, apply_fn = models.deep_linear(jax.random.key(0), args.width, depth, bias=True)
+    if layout == "scan":
+        params, apply_fn = scanned_deep_linear(params)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((args.batch_size, args.width)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((args.batch_size, args.width)), jnp.float32)
+    loss = kfax.losses.SquaredError()
+
+    def mean_loss(p):
+        return loss(apply_fn(p, x), y)
+
+    def step_of(opt: optax.GradientTransformationExtraArgs) -> Callable:
+        def step(p, state, x, y):
+            value, grads = jax.value_and_grad(lambda q: loss(apply_fn(q, x), y))(p)
+            updates, state = opt.update(grads, state, p, inputs=x, targets=y)
+            return optax.apply_updates(p, updates), state, value
+
+        return step
+
+    configs: dict[str, tuple[Any, tuple[str, ...]]] = {
+        "adam": (optax.adam(1e-3), ()),
+        "kfac(lr)": (kfax.kfac(1e-3, apply_fn, loss, example_inputs=x), ()),
+        "kfac(None)": (kfax.kfac(None, apply_fn, loss, example_inputs=x), ()),
+    }
+    if args.stages:
+        for stage in STAGES:
+            configs[f"kfac(lr) without {stage}"] = (configs["kfac(lr)"][0], (stage,))
+        configs["kfac(lr) without all three"] = (configs["kfac(lr)"][0], STAGES)
+    jax.jit(mean_loss).trace(params)  # warm-up: the first trace imports and caches
+    results = {}
+    for name, (opt, removed) in configs.items():
+        opt = optax.with_extra_args_support(opt)
+        jax.clear_caches()  # kfax's step is jitted with its plan static: no cached trace
+        with without(removed):
+            results[name] = phases(step_of(opt), params, opt.init(params), x, y)
+        print(f"{layout:>9}{depth:>5}  {name:<30}{results[name]['total_s']:>8.2f} s", flush=True)
+    return {"layout": layout, "depth": depth, "width": args.width, "configs": results}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    record: dict[str, Any] = {
+        "machine": machine(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": [],
+    }
+    for layout in (part for part in args.layouts.split(",") if part):
+        for depth in (int(d) for d in args.depths.split(",") if d):
+            record["rows"].append(measure(layout, depth, args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"compile_time{'_quick' if args.quick else ''}{args.tag}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print_table(record)
+    return record
+
+
+def print_table(record: dict) -> None:
+    print(f"\n{'layout':>9}{'depth':>6} {'optimiser':<30}{'trace':>7}{'lower':>7}{'compile':>8}")
+    for row in record["rows"]:
+        for name, entry in row["configs"].items():
+            print(
+                f"{row['layout']:>9}{row['depth']:>6} {name:<30}{entry['trace_s']:>7.2f}"
+                f"{entry['lower_s']:>7.2f}{entry['compile_s']:>8.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
