@@ -5,12 +5,13 @@ Usage (repository root)::
     .venv-bench/bin/python -m benchmarks.compile_time            # depths 2, 8, 32, 64
     .venv/bin/python -m benchmarks.compile_time --quick          # width 32, depths 2, 4 (seconds)
 
-The model is ``benchmarks.scaling``'s stack of ``depth`` square dense layers of ``--width``
+The task is ``benchmarks.scaling``'s stack of ``depth`` square dense layers of ``--width``
 (batch ``--batch-size``, squared error), written out layer by layer (``unrolled``) and as a
 ``lax.scan`` over stacked parameters (``scan``: kfax finds one stacked layer and preconditions
 it with one stacked block, the layout a state stacked per group of equal layers would give). For
-each, a jitted train step (``jax.value_and_grad`` of the loss, the optimiser's ``update``,
-``optax.apply_updates``) of Adam, ``kfax.kfac(lr)`` and ``kfax.kfac(None)`` is traced, lowered and
+each, the benchmarks' train step (``benchmarks.optimizers.train_step``: ``jax.value_and_grad``
+of the loss, the optimiser's ``update``, ``optax.apply_updates``) of Adam, ``kfax.kfac(lr)`` and
+``kfax.kfac(None)`` is traced, lowered and
 compiled once, each phase timed on its own, after ``jax.clear_caches()`` (JAX's traces and
 compiled programs are not reused from one optimiser to the next; kfax's own trace of ``apply_fn``,
 made by ``init`` before the timer starts, is, as in real use). Each cell is one measurement, in a
@@ -38,13 +39,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
-import kfax
-from benchmarks.run import RESULTS, git_commit, machine, versions
-from benchmarks.scaling import scanned_deep_linear
-from examples import models
+from benchmarks.optimizers import init_state, make_transform, parse, train_step
+from benchmarks.run import RESULTS, provenance
+from benchmarks.scaling import scaling_task
 
 STAGES = ("statistics", "refresh", "precondition")
 
@@ -90,8 +88,6 @@ def without(stages: tuple[str, ...]) -> Iterator[None]:
     """kfax's step with ``stages`` replaced by functions that return their input."""
     from kfax import _step  # noqa: PLC0415  (a probe of private functions)
 
-    saved = {name: getattr(_step, name) for name in ("_observe", "_refresh", "_precondition")}
-
     def observe(plan, state, *args):
         if any(getattr(b, "observes_in_basis", True) for _, b in plan.blocks_in_order):
             raise ValueError("the statistics probe supports blocks that observe no bases only")
@@ -104,11 +100,15 @@ def without(stages: tuple[str, ...]) -> Iterator[None]:
         leaves, treedef = jax.tree.flatten(updates)
         return list(leaves), treedef
 
-    replacements = {"statistics": observe, "refresh": refresh, "precondition": precondition}
-    names = {"statistics": "_observe", "refresh": "_refresh", "precondition": "_precondition"}
+    stand_ins = {
+        "statistics": ("_observe", observe),
+        "refresh": ("_refresh", refresh),
+        "precondition": ("_precondition", precondition),
+    }
+    saved = {name: getattr(_step, name) for name, _ in stand_ins.values()}
     try:
         for stage in stages:
-            setattr(_step, names[stage], replacements[stage])
+            setattr(_step, *stand_ins[stage])
         yield
     finally:
         for name, fn in saved.items():
@@ -116,55 +116,32 @@ def without(stages: tuple[str, ...]) -> Iterator[None]:
 
 
 def measure(layout: str, depth: int, args: argparse.Namespace) -> dict:
-    params, apply_fn = models.deep_linear(jax.random.key(0), args.width, depth, bias=True)
-    if layout == "scan":
-        params, apply_fn = scanned_deep_linear(params)
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((args.batch_size, args.width)), jnp.float32)
-    y = jnp.asarray(rng.standard_normal((args.batch_size, args.width)), jnp.float32)
-    loss = kfax.losses.SquaredError()
-
-    def mean_loss(p):
-        return loss(apply_fn(p, x), y)
-
-    def step_of(opt: optax.GradientTransformationExtraArgs) -> Callable:
-        def step(p, state, x, y):
-            value, grads = jax.value_and_grad(lambda q: loss(apply_fn(q, x), y))(p)
-            updates, state = opt.update(grads, state, p, inputs=x, targets=y)
-            return optax.apply_updates(p, updates), state, value
-
-        return step
-
-    configs: dict[str, tuple[Any, tuple[str, ...]]] = {
-        "adam": (optax.adam(1e-3), ()),
-        "kfac(lr)": (kfax.kfac(1e-3, apply_fn, loss, example_inputs=x), ()),
-        "kfac(None)": (kfax.kfac(None, apply_fn, loss, example_inputs=x), ()),
-    }
+    """The phases of each optimiser's train step (``benchmarks.optimizers.train_step``) on
+    ``benchmarks.scaling``'s task."""
+    task = scaling_task(args.width, depth, args.batch_size, seed=0, scan=layout == "scan")
+    x, y = (jnp.asarray(a[: args.batch_size]) for a in (task.inputs, task.targets))
+    configs = {"adam": ("adam@0.001", ()), "kfac(lr)": ("kfac@0.001", ())}
+    configs["kfac(None)"] = ("kfac_adaptive", ())
     if args.stages:
         for stage in STAGES:
-            configs[f"kfac(lr) without {stage}"] = (configs["kfac(lr)"][0], (stage,))
-        configs["kfac(lr) without all three"] = (configs["kfac(lr)"][0], STAGES)
-    jax.jit(mean_loss).trace(params)  # warm-up: the first trace imports and caches
+            configs[f"kfac(lr) without {stage}"] = ("kfac@0.001", (stage,))
+        configs["kfac(lr) without all three"] = ("kfac@0.001", STAGES)
+    jax.jit(task.loss_fn).trace(task.params, x, y)  # warm-up: the first trace imports
     results = {}
-    for name, (opt, removed) in configs.items():
-        opt = optax.with_extra_args_support(opt)
+    for name, (text, removed) in configs.items():
+        spec = parse(text)
+        transform = make_transform(spec, task, x)
+        state = init_state(spec, transform, task.params)
         jax.clear_caches()  # kfax's step is jitted with its plan static: no cached trace
         with without(removed):
-            results[name] = phases(step_of(opt), params, opt.init(params), x, y)
+            results[name] = phases(train_step(spec, task, transform), task.params, state, x, y)
         print(f"{layout:>9}{depth:>5}  {name:<30}{results[name]['total_s']:>8.2f} s", flush=True)
     return {"layout": layout, "depth": depth, "width": args.width, "configs": results}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    record: dict[str, Any] = {
-        "machine": machine(),
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "rows": [],
-    }
+    record: dict[str, Any] = {**provenance(args), "rows": []}
     for layout in (part for part in args.layouts.split(",") if part):
         for depth in (int(d) for d in args.depths.split(",") if d):
             record["rows"].append(measure(layout, depth, args))

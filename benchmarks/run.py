@@ -161,6 +161,18 @@ def git_commit() -> str | None:
     return (commit + ("-dirty" if dirty else "")) or None
 
 
+def provenance(args: Any) -> dict[str, Any]:
+    """What every record starts with: the machine, the versions, the commit, the date and the
+    command's settings (``argparse`` values; paths as strings)."""
+    return {
+        "machine": machine(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
 def machine() -> dict[str, Any]:
     """Platform, CPU count, devices and the current load average."""
     return {

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import numpy as np
 import kfax
 from benchmarks import step_cost
 from benchmarks.optimizers import Spec, available, parse, split_specs
-from benchmarks.run import RESULTS, git_commit, machine, versions
+from benchmarks.run import RESULTS, provenance
 from benchmarks.tasks import Task
 from examples import models
 
@@ -184,11 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     specs, skipped = available([parse(text) for text in split_specs(args.configs)])
     record: dict[str, Any] = {
-        "machine": machine(),
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "date": time.strftime("%Y-%m-%d"),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **provenance(args),
         "skipped": skipped,
         "widths": [],
         "depths": [],

@@ -238,11 +238,27 @@ def test_a_gradient_of_another_scale_gives_the_same_steps_and_is_reported(batch,
         )
 
 
-def _scaled_step(opt, loss, apply_fn, params, state, inputs, targets, factor):
-    grads = jax.grad(lambda p: loss(apply_fn(p, inputs), targets))(params)
+def _scaled_step(opt, loss, apply_fn, params, state, inputs, targets, factor, where=None):
+    grads = jax.grad(lambda p: loss(apply_fn(p, inputs), targets, where))(params)
     grads = jax.tree.map(lambda g: factor * g, grads)
-    updates, state = opt.update(grads, state, params, inputs=inputs, targets=targets)
+    updates, state = opt.update(grads, state, params, inputs=inputs, targets=targets, where=where)
     return optax.apply_updates(params, updates), state
+
+
+def _masked_steps(opt, loss, apply_fn, params, inputs, targets, where, steps, factor=1.0):
+    """``steps`` jitted updates on one batch with its mask; the gradient is ``factor`` times
+    that of the masked mean loss. Returns the StepInfos and the warnings given."""
+    step = jax.jit(
+        lambda p, s: _scaled_step(opt, loss, apply_fn, p, s, inputs, targets, factor, where)
+    )
+    p, state, infos = params, opt.init(params), []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            p, state = step(p, state)
+            infos.append(state.info)
+        jax.effects_barrier()
+    return infos, [str(w.message) for w in caught]
 
 
 def test_a_model_sub_batch_where_nothing_counts_takes_the_whole_batch(x64):
@@ -437,26 +453,6 @@ def test_float32_parameters_with_float64_outputs_under_x64_take_adaptive_steps(x
         p = optax.apply_updates(p, updates)
     assert state.info.reduction_ratio.dtype == jnp.float32
     assert np.isfinite(float(state.info.reduction_ratio)) and int(state.info.ratio_step) == 2
-
-
-def _masked_steps(opt, loss, apply_fn, params, inputs, targets, where, steps, factor=1.0):
-    """``steps`` jitted updates on one batch with its mask; the gradient is ``factor`` times
-    that of the masked mean loss. Returns the StepInfos and the warnings given."""
-
-    @jax.jit
-    def step(p, s):
-        grads = jax.grad(lambda q: factor * loss(apply_fn(q, inputs), targets, where))(p)
-        updates, s = opt.update(grads, s, p, inputs=inputs, targets=targets, where=where)
-        return optax.apply_updates(p, updates), s
-
-    p, state, infos = params, opt.init(params), []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(steps):
-            p, state = step(p, state)
-            infos.append(state.info)
-        jax.effects_barrier()
-    return infos, [str(w.message) for w in caught]
 
 
 @pytest.mark.parametrize("model_batch_size", [4, False])
