@@ -4,7 +4,7 @@
 PYTHON ?= python3
 OLDJAX := 0.9.0.1
 # Tests run in the old-JAX environment (make test-oldjax OLDJAX_TESTS="tests/...").
-OLDJAX_TESTS ?= tests/test_tracing.py tests/test_layers_scan.py
+OLDJAX_TESTS ?= tests/test_tracing.py tests/test_layers_scan.py tests/test_inner_products.py
 PYTEST_ARGS ?=
 
 VENV := .venv

@@ -53,7 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depths", default=None, help="default 2,4,8,16,32,64")
     parser.add_argument("--width-for-depths", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="timed steps per round (at least each configuration's cadence period)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="rounds of timed steps")
     parser.add_argument("--quick", action="store_true", help="widths 16,32 and depths 2,4")
     parser.add_argument(

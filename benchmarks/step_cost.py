@@ -5,14 +5,15 @@ Usage (repository root, benchmark environment)::
     .venv-bench/bin/python -m benchmarks.step_cost --batch-size 1000 --steps 40 --repeats 3
 
 Part 1, step cost: every configuration (``--configs``, specs as in ``benchmarks.run``) is
-compiled and warmed up, then the configurations take turns running ``--steps`` timed steps, for
-``--repeats`` rounds, on the same batches. Each step is classified by which periodic work it
-does (statistics, inverse refresh, damping update, Sophia's Hessian estimate:
-``count % period == 0``); the amortised cost is the sum over classes of (class frequency) x
-(median time of the class), so that refreshes every 50 steps are counted fairly from a 40-step
-window. The plain mean over each window is reported too (median over rounds); it is the fairer
-figure for PSGD-Kron, whose preconditioner update is random. Compile time and state bytes are
-recorded per configuration.
+compiled and warmed up, then the configurations take turns running ``--steps`` timed steps (or
+the configuration's cadence period, the least common multiple of its cadences, where that is
+longer, so that every kind of step is timed), for ``--repeats`` rounds, on the same batches.
+Each step is classified by which periodic work it does (statistics, inverse refresh, damping
+update, Sophia's Hessian estimate: ``count % period == 0``); the amortised cost is the sum over
+classes of (class frequency) x (median time of the class), so that a refresh every 10 steps
+counts for a tenth of its cost. The plain mean over each window is reported too (median over
+rounds); it is the fairer figure for PSGD-Kron, whose preconditioner update is random. Compile
+time and state bytes are recorded per configuration.
 
 Part 2, breakdown: the pieces of one kfax K-FAC step (``kfax.kfac`` defaults), each a call of
 the library's own functions jitted on its own and timed in turn (median over
@@ -84,7 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--task", choices=TASKS, default="autoencoder")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the task's")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per round")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per round (at least each configuration's cadence period)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="rounds of timed steps")
     parser.add_argument("--breakdown-repeats", type=int, default=None, help="0 skips the breakdown")
     parser.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS)
@@ -144,7 +150,7 @@ def amortised(times: dict[tuple, list[float]], cycle: dict[str, int]) -> float:
 
     NaN if some class was never timed (the windows were shorter than a period).
     """
-    lcm = math.lcm(*cycle.values()) if cycle else 1
+    lcm = covering_window(cycle)
     total = 0.0
     for count in range(lcm):
         key = tuple(count % p == 0 for p in cycle.values())
@@ -152,6 +158,12 @@ def amortised(times: dict[tuple, list[float]], cycle: dict[str, int]) -> float:
             return float("nan")
         total += statistics.median(times[key])
     return total / lcm
+
+
+def covering_window(cycle: dict[str, int]) -> int:
+    """The fewest consecutive steps that contain every class of step of ``cycle`` (its least
+    common multiple: the pattern of which pieces run repeats with that period)."""
+    return math.lcm(*cycle.values()) if cycle else 1
 
 
 def measure_steps(
@@ -183,9 +195,12 @@ def measure_steps(
             run(i, getattr(args, "warmup_steps", WARMUP_STEPS))
     rounds: list[list[list]] = [[] for _ in runners]
     load = []
+    # A round covers every class of step at least once: the adaptive mode's cadences (4, 4, 5)
+    # repeat every 20 steps, so 10 timed steps would leave its damping-and-refresh step out.
+    window = [max(args.steps, covering_window(periods(spec))) for spec in specs]
     for r in range(args.repeats):
         for i in range(len(specs)):
-            rounds[i].append(run(i, args.steps))
+            rounds[i].append(run(i, window[i]))
         load.append(list(os.getloadavg()))
         print(f"round {r + 1}/{args.repeats} done, load {load[-1][0]:.2f}", flush=True)
 

@@ -1,4 +1,4 @@
-"""Small pytree helpers on top of ``optax.tree``: inner products in float32 or wider, finiteness."""
+"""Small pytree helpers: inner products in float32 or wider, accurate on long leaves; finiteness."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 
 def widened(tree: Any) -> Any:
@@ -25,8 +24,20 @@ def floating_dtype(tree: Any) -> Any:
 
 
 def vdot(a: Any, b: Any) -> jax.Array:
-    """``<a, b>`` over all leaves, accumulated in float32 or wider."""
-    return optax.tree.vdot(widened(a), widened(b))
+    """``<a, b>`` over all leaves, accumulated in float32 or wider.
+
+    Each leaf's products are summed by a reduction (``jnp.sum``), not by a dot product: XLA:CPU
+    in JAX 0.9 computes ``jnp.vdot`` of long vectors with one running float32 sum, which lost
+    2.6% of the inner product of two random 4096 x 4096 leaves and 20% of ``<grad, Delta>`` on a
+    4096-wide layer (tests/test_inner_products.py); the reduction is accurate to 1e-7 there."""
+    leaves = jax.tree.leaves(jax.tree.map(contract, widened(a), widened(b)))
+    return sum(leaves[1:], leaves[0]) if leaves else jnp.zeros((), jnp.float32)
+
+
+def contract(a: jax.Array, b: jax.Array, keep: int = 0) -> jax.Array:
+    """``sum(conj(a) * b)`` over all but the first ``keep`` axes, as a reduction (accurate for
+    long axes; see :func:`vdot`)."""
+    return jnp.sum(jnp.conj(a) * b, axis=tuple(range(keep, jnp.ndim(a))))
 
 
 def all_finite(tree: Any) -> jax.Array:

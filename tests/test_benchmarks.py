@@ -196,3 +196,28 @@ def test_the_compile_time_probe_removes_each_stage_it_names(tmp_path):
         bare = configs["kfac(lr) without all three"]["hlo_lines"]
         for stage in compile_time.STAGES:
             assert bare < configs[f"kfac(lr) without {stage}"]["hlo_lines"] < full, stage
+
+
+def test_the_scaling_study_times_every_kind_of_step_of_each_configuration(tmp_path):
+    """benchmarks.scaling amortises each configuration over its cadences; a round must contain
+    every kind of step, or the amortised cost is NaN: the adaptive mode's cadences (statistics
+    and refreshes every 4 steps, damping every 5) repeat every 20 steps, twice the default
+    round of 10 timed steps."""
+    from benchmarks import scaling, step_cost  # noqa: PLC0415
+
+    assert step_cost.covering_window(step_cost.periods(optimizers.parse("kfac_adaptive"))) == 20
+    record = scaling.main(
+        [
+            "--widths=8",
+            "--depths=",
+            "--batch-size=8",
+            "--steps=3",
+            "--configs=adam@0.001,kfac@0.001,kfac_adaptive",
+            "--no-plot",
+            f"--out={tmp_path}",
+        ]
+    )
+    (row,) = record["widths"]
+    assert set(row["configs"]) == {"adam", "kfac", "kfac_adaptive"}
+    for name, entry in row["configs"].items():
+        assert math.isfinite(entry["amortised_ms"]) and entry["amortised_ms"] > 0, name
