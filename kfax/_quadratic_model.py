@@ -45,10 +45,11 @@ def quadratic_terms(apply_fn, loss, params, inputs, targets, where, tangents, la
     n = outputs.shape[0]
     gradient = loss.output_gradient(outputs, targets, where) / n
     curvature = jax.vmap(lambda v: loss.curvature_product(outputs, v, weights) / n)(jvps)
-    # Reductions, not einsum's dot products: see _trees.vdot (accuracy on long axes).
+    # Reductions, not einsum's dot products: see _trees.vdot (accuracy on long axes, in JAX
+    # 0.10 too for b).
     b = _trees.contract(jvps, gradient[None], keep=1)
     m = _trees.contract(jvps[:, None], curvature[None], keep=2)
-    norms = jax.vmap(lambda s: jax.vmap(lambda t: _trees.vdot(s, t))(tangents))(tangents)
+    norms = _trees.gram(tangents)
     counted = jnp.sum(weights)
     b, m, value, counted = pmean((b, m, loss(outputs, targets, where), counted), axis_name)
     return b, m, norms, value, counted

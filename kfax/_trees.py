@@ -24,20 +24,41 @@ def floating_dtype(tree: Any) -> Any:
 
 
 def vdot(a: Any, b: Any) -> jax.Array:
-    """``<a, b>`` over all leaves, accumulated in float32 or wider.
+    """``<a, b>`` over all leaves (of equal shapes), accumulated in float32 or wider.
 
-    Each leaf's products are summed by a reduction (``jnp.sum``), not by a dot product: XLA:CPU
-    in JAX 0.9 computes ``jnp.vdot`` of long vectors with one running float32 sum, which lost
-    2.6% of the inner product of two random 4096 x 4096 leaves and 20% of ``<grad, Delta>`` on a
-    4096-wide layer (tests/test_inner_products.py); the reduction is accurate to 1e-7 there."""
-    leaves = jax.tree.leaves(jax.tree.map(contract, widened(a), widened(b)))
+    Each leaf's products are summed by a reduction (``jnp.sum``), not by a dot product:
+    XLA:CPU computes long dot products with one running float32 sum (``jnp.vdot`` in JAX 0.9;
+    matrix-vector contractions in JAX 0.9 and 0.10), which lost 2.6% of the inner product of
+    two correlated random 4096 x 4096 leaves (tests/test_inner_products.py) and a fifth of
+    ``<grad, Delta>`` on a 4096-wide layer in JAX 0.9; the reduction is accurate to 1e-7."""
+    leaves = jax.tree.leaves(jax.tree.map(_leaf_vdot, widened(a), widened(b)))
     return sum(leaves[1:], leaves[0]) if leaves else jnp.zeros((), jnp.float32)
 
 
+def _leaf_vdot(a: jax.Array, b: jax.Array) -> jax.Array:
+    if jnp.shape(a) != jnp.shape(b):
+        raise ValueError(f"vdot of leaves of different shapes {jnp.shape(a)} and {jnp.shape(b)}.")
+    return contract(a, b)
+
+
+def gram(stacked: Any) -> jax.Array:
+    """``G[i, j] = <t_i, t_j>`` for a pytree whose leaves stack ``k`` real trees along their
+    first axis, accumulated in float32 or wider as in :func:`vdot`: the ``k (k + 1) / 2``
+    entries on and above the diagonal, each one reduction per leaf (on JAX 0.9's CPU backend
+    cheaper than one broadcast reduction to the whole ``k x k``)."""
+    leaves = jax.tree.leaves(widened(stacked))
+    k = leaves[0].shape[0]
+    upper = {
+        (i, j): sum(contract(t[i], t[j]) for t in leaves) for i in range(k) for j in range(i, k)
+    }
+    return jnp.stack([jnp.stack([upper[min(i, j), max(i, j)] for j in range(k)]) for i in range(k)])
+
+
 def contract(a: jax.Array, b: jax.Array, keep: int = 0) -> jax.Array:
-    """``sum(conj(a) * b)`` over all but the first ``keep`` axes, as a reduction (accurate for
-    long axes; see :func:`vdot`)."""
-    return jnp.sum(jnp.conj(a) * b, axis=tuple(range(keep, jnp.ndim(a))))
+    """``sum(conj(a) * b)`` over all but the first ``keep`` axes of their (broadcast) product,
+    as a reduction (accurate for long axes; see :func:`vdot`)."""
+    product = jnp.conj(a) * b
+    return jnp.sum(product, axis=tuple(range(keep, product.ndim)))
 
 
 def all_finite(tree: Any) -> jax.Array:

@@ -1,9 +1,11 @@
 """Inner products over long leaves are accurate in float32 on every supported JAX.
 
-On XLA:CPU in JAX 0.9, ``jnp.vdot`` and ``jnp.einsum`` of long vectors accumulate in one running
-float32 sum: on two correlated random 4096 x 4096 leaves they lose 2.6% of the inner product,
-and on a 4096-wide layer the adaptive step's ``<grad, Delta>`` came out 20% low, so it warned
-that the gradient was not that of its loss. kfax's inner products (``<grad, Delta>``, the norm
+On XLA:CPU, long dot products accumulate in one running float32 sum (``jnp.vdot`` in JAX 0.9,
+matrix-vector ``jnp.einsum`` in JAX 0.9 and 0.10): on two correlated random 4096 x 4096 leaves
+``jnp.vdot`` loses 2.6% of the inner product in JAX 0.9, the quadratic model's gradient term
+below lost 6e-4 in both versions, and on a 4096-wide layer the adaptive step's
+``<grad, Delta>`` came out a fifth low in JAX 0.9, so it warned that the gradient was not that
+of its loss. kfax's inner products (``<grad, Delta>``, the norm
 constraint, the quadratic model's terms) are reductions instead; this file runs on the oldest
 supported JAX too (``make test-oldjax``). The references are float64 sums of the same float32
 numbers, so the only error measured is the accumulation's.
@@ -43,6 +45,16 @@ def test_the_inner_product_of_two_16m_entry_leaves_is_accurate_in_float32():
     value = jax.jit(_trees.vdot)(*jax.tree.map(jnp.asarray, trees))
     assert value.dtype == jnp.float32
     assert _relative_error(value, exact) < TOLERANCE
+
+
+def test_the_gram_matrix_of_two_stacked_16m_entry_leaves_is_accurate_in_float32():
+    """The quadratic model's ``<t_i, t_j>`` of its two tangents (direction, previous update)."""
+    a, b = _correlated((4096, 4096), seed=4)
+    stacked = {"w": jnp.asarray(np.stack([a, b]))}
+    rows = np.stack([a, b]).reshape(2, -1).astype(np.float64)
+    value = jax.jit(_trees.gram)(stacked)
+    assert value.shape == (2, 2) and value.dtype == jnp.float32
+    assert _relative_error(value, rows @ rows.T) < TOLERANCE
 
 
 def test_the_quadratic_models_terms_on_16m_outputs_are_accurate_in_float32():
