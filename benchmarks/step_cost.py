@@ -197,7 +197,8 @@ def measure_steps(
     load = []
     # A round covers every class of step at least once: the adaptive mode's cadences (4, 4, 5)
     # repeat every 20 steps, so 10 timed steps would leave its damping-and-refresh step out.
-    window = [max(args.steps, covering_window(periods(spec))) for spec in specs]
+    cycles = [periods(spec) for spec in specs]
+    window = [max(args.steps, covering_window(cycle)) for cycle in cycles]
     for r in range(args.repeats):
         for i in range(len(specs)):
             rounds[i].append(run(i, window[i]))
@@ -205,8 +206,7 @@ def measure_steps(
         print(f"round {r + 1}/{args.repeats} done, load {load[-1][0]:.2f}", flush=True)
 
     results = {}
-    for spec, runner, timed in zip(specs, runners, rounds, strict=True):
-        cycle = periods(spec)
+    for spec, runner, timed, cycle in zip(specs, runners, rounds, cycles, strict=True):
         by_class: dict[tuple, list[float]] = {}
         for count, seconds, _ in (step for window in timed for step in window):
             key = tuple(count % p == 0 for p in cycle.values())

@@ -32,7 +32,7 @@ def vdot(a: Any, b: Any) -> jax.Array:
     two correlated random 4096 x 4096 leaves (tests/test_inner_products.py) and a fifth of
     ``<grad, Delta>`` on a 4096-wide layer in JAX 0.9; the reduction is accurate to 1e-7."""
     leaves = jax.tree.leaves(jax.tree.map(_leaf_vdot, widened(a), widened(b)))
-    return sum(leaves[1:], leaves[0]) if leaves else jnp.zeros((), jnp.float32)
+    return sum(leaves, jnp.zeros((), jnp.float32))
 
 
 def _leaf_vdot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -42,15 +42,13 @@ def _leaf_vdot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def gram(stacked: Any) -> jax.Array:
-    """``G[i, j] = <t_i, t_j>`` for a pytree whose leaves stack ``k`` real trees along their
-    first axis, accumulated in float32 or wider as in :func:`vdot`: the ``k (k + 1) / 2``
-    entries on and above the diagonal, each one reduction per leaf (on JAX 0.9's CPU backend
-    cheaper than one broadcast reduction to the whole ``k x k``)."""
-    leaves = jax.tree.leaves(widened(stacked))
-    k = leaves[0].shape[0]
-    upper = {
-        (i, j): sum(contract(t[i], t[j]) for t in leaves) for i in range(k) for j in range(i, k)
-    }
+    """``G[i, j] = <t_i, t_j>`` (:func:`vdot`) for a pytree whose leaves stack ``k`` real trees
+    along their first axis: the ``k (k + 1) / 2`` entries on and above the diagonal, each its
+    own :func:`vdot` (on JAX 0.9's CPU backend cheaper than one broadcast reduction to the
+    whole ``k x k``)."""
+    k = jax.tree.leaves(stacked)[0].shape[0]
+    trees = [jax.tree.map(lambda t, i=i: t[i], stacked) for i in range(k)]
+    upper = {(i, j): vdot(trees[i], trees[j]) for i in range(k) for j in range(i, k)}
     return jnp.stack([jnp.stack([upper[min(i, j), max(i, j)] for j in range(k)]) for i in range(k)])
 
 
